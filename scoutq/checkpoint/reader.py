@@ -1,0 +1,167 @@
+"""Open a Hugging Face Llama 4 checkpoint directory and read tensors lazily.
+
+`Checkpoint.open` validates the directory up front, reading headers only: config.json, the
+shard index (every file inside the directory, every indexed tensor present in its shard),
+and each shard's header against its real size. Tensor data is read on demand through
+`safe_open` (mmap), and a routed expert is read as one slice of the fused tensor, so
+reading expert 3 of a 2.7 GB `gate_up_proj` touches 1/16 of it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+
+from scoutq.checkpoint.layout import KeyRole, Layout, detect_layout, expected_text_shapes
+from scoutq.checkpoint.safetensors_io import DTYPES, TensorInfo, read_header
+from scoutq.errors import CheckpointError
+from scoutq.model.config import TextConfig, parse_text_config, read_config_json
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+ExpertProj = Literal["gate", "up", "down"]
+
+
+def _resolve_shard(directory: Path, name: object) -> Path:
+    """The shard path an index names, refusing anything that leaves the directory."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{directory / INDEX_NAME}: invalid shard file name {name!r}")
+    candidate = Path(name)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise CheckpointError(f"{directory / INDEX_NAME}: shard {name!r} points outside the checkpoint directory")
+    resolved = (directory / candidate).resolve()
+    if not resolved.is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{directory / INDEX_NAME}: shard {name!r} points outside the checkpoint directory")
+    return directory / candidate
+
+
+def _read_index(directory: Path) -> dict[str, str]:
+    path = directory / INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        raise CheckpointError(f"{path}: not valid JSON ({bad})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: missing or empty weight_map")
+    return weight_map
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint directory: its config, layout and every tensor's location."""
+
+    directory: Path
+    config_json: dict[str, Any]
+    config: TextConfig
+    layout: Layout
+    tensors: dict[str, TensorInfo]
+    shard_files: list[Path]
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        directory = Path(path)
+        if not directory.exists():
+            raise CheckpointError(f"{directory}: no such directory")
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: not a directory (expected a checkpoint directory)")
+        config_json = read_config_json(directory)
+        config = parse_text_config(config_json)
+
+        if (directory / INDEX_NAME).is_file():
+            weight_map = _read_index(directory)
+            files = {name: _resolve_shard(directory, file) for name, file in weight_map.items()}
+        elif (directory / SINGLE_NAME).is_file():
+            files = None
+        else:
+            raise CheckpointError(f"{directory}: no {INDEX_NAME} or {SINGLE_NAME}; not a safetensors checkpoint")
+
+        shard_files = sorted(set(files.values())) if files is not None else [directory / SINGLE_NAME]
+        headers: dict[Path, dict[str, TensorInfo]] = {}
+        for shard in shard_files:
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: shard missing (named in {INDEX_NAME})")
+            headers[shard], _ = read_header(shard)
+
+        if files is None:
+            tensors = headers[shard_files[0]]
+        else:
+            tensors = {}
+            for name, shard in files.items():
+                info = headers[shard].get(name)
+                if info is None:
+                    raise CheckpointError(f"{shard}: tensor {name!r} is named in {INDEX_NAME} but not stored in this shard")
+                tensors[name] = info
+
+        layout = detect_layout(tensors.keys())
+        if layout is None:
+            raise CheckpointError(f"{directory}: no Llama 4 text weights found (expected language_model.model.* or model.* keys)")
+        return cls(directory, config_json, config, layout, tensors, shard_files)
+
+    # -- structure -----------------------------------------------------------------------
+
+    def classify(self, name: str) -> KeyRole:
+        return self.layout.classify(name)
+
+    def validate_shapes(self) -> None:
+        """Check every text tensor config.json implies is present with the implied shape.
+
+        Quantized checkpoints (per-expert keys, packed weights) are checked by `verify`, not here.
+        """
+        for name, shape in expected_text_shapes(self.config, self.layout).items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise CheckpointError(f"{self.directory}: tensor {name!r} is missing (config.json implies it)")
+            if info.shape != shape:
+                raise CheckpointError(
+                    f"{info.file}: tensor {name!r} has shape {list(info.shape)} but config.json implies {list(shape)}"
+                )
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as err:  # safetensors raises its own SafetensorError
+                raise CheckpointError(f"{file}: cannot open as safetensors ({err})") from None
+        return self._handles[file]
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.directory}: no tensor named {name!r}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """One whole tensor, as stored."""
+        info = self.info(name)
+        return self._handle(info.file).get_tensor(name)
+
+    def read_expert(self, layer: int, expert: int, proj: ExpertProj) -> torch.Tensor:
+        """One routed expert's projection as an nn.Linear weight [out, in], read as a slice.
+
+        gate and up are the two halves of `gate_up_proj[e]` ([D, 2F], gate first); down is
+        `down_proj[e]` ([F, D]). Stored as [in, out], so the slice is transposed here.
+        """
+        if proj == "down":
+            name = self.layout.down_key(layer)
+            stored = self._handle(self.info(name).file).get_slice(name)[expert]  # [F, D]
+        else:
+            name = self.layout.gate_up_key(layer)
+            width = self.config.intermediate_size
+            columns = slice(0, width) if proj == "gate" else slice(width, 2 * width)
+            stored = self._handle(self.info(name).file).get_slice(name)[expert, :, columns]  # [D, F]
+        return stored.t().contiguous()
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.info(name).dtype]
+
+    def close(self) -> None:
+        self._handles.clear()

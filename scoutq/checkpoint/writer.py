@@ -1,0 +1,110 @@
+"""Sharded safetensors output in the Hugging Face layout, written atomically.
+
+Each shard is streamed to a hidden temporary name in the destination and renamed when its
+last byte is written and synced; the index is written last, the same way. A reader therefore
+never sees a half-written shard under a real name, and a crash leaves only `.partial` files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scoutq.checkpoint.safetensors_io import ITEM_SIZE, StreamingWriter
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEM_SIZE[self.dtype]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def atomic_write_json(path: Path, value: object) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most max_shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return [shard for shard in shards if shard]
+
+
+def shard_name(index: int, count: int) -> str:
+    return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def write_sharded(
+    directory: Path,
+    specs: list[TensorSpec],
+    produce: Callable[[TensorSpec], Iterator[torch.Tensor]],
+    max_shard_bytes: int,
+    on_bytes: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Write tensors into HF-named shards plus an index (when more than one shard).
+
+    Args:
+        directory: destination (must exist).
+        specs: every tensor, in file order.
+        produce: yields a tensor's data, whole or as row-major pieces (e.g. one expert at a time).
+        max_shard_bytes: shard size bound.
+        on_bytes: progress callback, called with the byte count of each written piece.
+
+    Returns:
+        The shard paths written.
+    """
+    directory = Path(directory)
+    shards = plan_shards(specs, max_shard_bytes)
+    paths: list[Path] = []
+    weight_map: dict[str, str] = {}
+    for number, shard in enumerate(shards):
+        final = directory / shard_name(number, len(shards))
+        partial = final.with_name(f".{final.name}.partial")
+        writer = StreamingWriter(partial, [(s.name, s.dtype, s.shape) for s in shard])
+        try:
+            for spec in shard:
+                for piece in produce(spec):
+                    writer.write(spec.name, piece)
+                    if on_bytes:
+                        on_bytes(piece.numel() * piece.element_size())
+            writer.close()
+        except BaseException:
+            writer.abort()
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, final)
+        paths.append(final)
+        weight_map |= {spec.name: final.name for spec in shard}
+    if len(shards) > 1:
+        total = sum(spec.nbytes for spec in specs)
+        atomic_write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return paths

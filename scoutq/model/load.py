@@ -1,0 +1,66 @@
+"""`load_model`: a scoutq Llama 4 module from a checkpoint directory, read tensor by tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from scoutq.checkpoint.reader import Checkpoint
+from scoutq.errors import CheckpointError, ConfigError
+from scoutq.model.llama4 import Llama4ForCausalLM
+
+
+def _source_tensors(checkpoint: Checkpoint) -> Iterator[tuple[str, str, bool]]:
+    """(module parameter name, checkpoint key, transpose last two dims) for every parameter."""
+    layout, config = checkpoint.layout, checkpoint.config
+    yield "embed_tokens.weight", layout.embed_key, False
+    yield "norm.weight", layout.norm_key, False
+    yield "lm_head.weight", layout.embed_key if config.tie_word_embeddings else layout.lm_head_key, False
+    for i in range(config.num_hidden_layers):
+        parts = ["input_layernorm", "post_attention_layernorm"] + [f"self_attn.{p}_proj" for p in "qkvo"]
+        if config.is_moe_layer(i):
+            parts += ["feed_forward.router"] + [f"feed_forward.shared_expert.{p}_proj" for p in ("gate", "up", "down")]
+            # Fused experts are stored [E, in, out]; the module keeps nn.Linear's [E, out, in].
+            yield f"layers.{i}.feed_forward.experts.gate_up", layout.gate_up_key(i), True
+            yield f"layers.{i}.feed_forward.experts.down", layout.down_key(i), True
+        else:
+            parts += [f"feed_forward.{p}_proj" for p in ("gate", "up", "down")]
+        for part in parts:
+            yield f"layers.{i}.{part}.weight", layout.layer_key(i, f"{part}.weight"), False
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> Llama4ForCausalLM:
+    """Load a Llama 4 checkpoint (multimodal or text-only HF layout) as a scoutq module.
+
+    Args:
+        path: checkpoint directory with config.json and safetensors shards.
+        device: where the weights live.
+        dtype: weight and activation dtype (bf16 for speed, fp32 for reference comparisons).
+
+    Returns:
+        A module in eval mode; `model(input_ids [B, T])` returns logits [B, T, vocab].
+    """
+    checkpoint = Checkpoint.open(path)
+    if "quantization_config" in checkpoint.config_json:
+        raise CheckpointError(
+            f"{checkpoint.directory}: is a quantized checkpoint; loading quantized weights needs the quantized runtime"
+        )
+    if checkpoint.config.hidden_act != "silu":
+        raise ConfigError(f"config.json: hidden_act {checkpoint.config.hidden_act!r} is not supported (Llama 4 uses silu)")
+    checkpoint.validate_shapes()
+
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(checkpoint.config)
+    state: dict[str, torch.Tensor] = {}
+    for param, key, transpose in _source_tensors(checkpoint):
+        tensor = checkpoint.read(key)
+        if transpose:
+            tensor = tensor.transpose(-1, -2)
+        state[param] = tensor.to(device=device, dtype=dtype).contiguous()
+    model.load_state_dict(state, assign=True, strict=True)
+    checkpoint.close()
+    return model.eval().requires_grad_(False)
