@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from scoutq.model.config import TextConfig
 
@@ -189,4 +190,39 @@ def expected_text_shapes(config: TextConfig, layout: Layout) -> dict[str, tuple[
                 "feed_forward.down_proj.weight": (d, f_mlp),
             }
         shapes |= {layout.layer_key(layer, part): shape for part, shape in parts.items()}
+    return shapes
+
+
+def expected_vision_shapes(vision: dict[str, Any], text_hidden: int) -> dict[str, tuple[int, ...]]:
+    """The vision tower and projector tensors of the multimodal layout (llama4-format.md §1.7)."""
+    h, inter = int(vision["hidden_size"]), int(vision["intermediate_size"])
+    patch = int(vision.get("patch_size", 14))
+    patches = (int(vision.get("image_size", 336)) // patch) ** 2 + 1
+    shapes: dict[str, tuple[int, ...]] = {
+        "vision_model.class_embedding": (h,),
+        "vision_model.positional_embedding_vlm": (patches, h),
+        "vision_model.patch_embedding.linear.weight": (h, int(vision.get("num_channels", 3)) * patch**2),
+        "vision_model.layernorm_pre.weight": (h,),
+        "vision_model.layernorm_pre.bias": (h,),
+        "vision_model.layernorm_post.weight": (h,),
+        "vision_model.layernorm_post.bias": (h,),
+    }
+    for i in range(int(vision["num_hidden_layers"])):
+        prefix = f"vision_model.model.layers.{i}."
+        for proj in "qkvo":
+            shapes[f"{prefix}self_attn.{proj}_proj.weight"] = (h, h)
+            shapes[f"{prefix}self_attn.{proj}_proj.bias"] = (h,)
+        shapes |= {
+            f"{prefix}mlp.fc1.weight": (inter, h),
+            f"{prefix}mlp.fc1.bias": (inter,),
+            f"{prefix}mlp.fc2.weight": (h, inter),
+            f"{prefix}mlp.fc2.bias": (h,),
+        }
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"{prefix}{norm}.weight"] = (h,)
+            shapes[f"{prefix}{norm}.bias"] = (h,)
+    projector_in, projector_out = int(vision["projector_input_dim"]), int(vision["projector_output_dim"])
+    shapes["vision_model.vision_adapter.mlp.fc1.weight"] = (projector_in, inter)
+    shapes["vision_model.vision_adapter.mlp.fc2.weight"] = (projector_out, projector_out)
+    shapes["multi_modal_projector.linear_1.weight"] = (text_hidden, int(vision["vision_output_dim"]))
     return shapes

@@ -17,7 +17,15 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
-from scoutq.checkpoint.layout import KeyRole, Layout, detect_layout, expected_text_shapes
+from scoutq.checkpoint.layout import (
+    MULTIMODAL,
+    TEXT_ONLY,
+    KeyRole,
+    Layout,
+    detect_layout,
+    expected_text_shapes,
+    expected_vision_shapes,
+)
 from scoutq.checkpoint.safetensors_io import DTYPES, TensorInfo, read_header
 from scoutq.errors import CheckpointError
 from scoutq.model.config import TextConfig, parse_text_config, read_config_json
@@ -25,6 +33,7 @@ from scoutq.model.config import TextConfig, parse_text_config, read_config_json
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 ExpertProj = Literal["gate", "up", "down"]
+_DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 def _resolve_shard(directory: Path, name: object) -> Path:
@@ -62,6 +71,7 @@ class Checkpoint:
     layout: Layout
     tensors: dict[str, TensorInfo]
     shard_files: list[Path]
+    weightless: bool = False  # built from config.json alone: shapes, no data
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -103,6 +113,30 @@ class Checkpoint:
         if layout is None:
             raise CheckpointError(f"{directory}: no Llama 4 text weights found (expected language_model.model.* or model.* keys)")
         return cls(directory, config_json, config, layout, tensors, shard_files)
+
+    @classmethod
+    def open_for_planning(cls, path: str | Path) -> Checkpoint:
+        """Open a checkpoint, or, for a directory holding only config.json, describe the tensors
+        config.json implies (no data). Planning and dry runs need nothing more."""
+        directory = Path(path)
+        if directory.is_dir() and not (directory / INDEX_NAME).exists() and not (directory / SINGLE_NAME).exists() \
+                and (directory / "config.json").is_file():
+            return cls.from_config_only(directory)
+        return cls.open(directory)
+
+    @classmethod
+    def from_config_only(cls, directory: Path) -> Checkpoint:
+        config_json = read_config_json(directory)
+        config = parse_text_config(config_json)
+        multimodal = config_json.get("model_type") == "llama4"
+        layout = MULTIMODAL if multimodal else TEXT_ONLY
+        dtype = _DTYPE_NAMES.get(config.torch_dtype, "BF16")
+        shapes = expected_text_shapes(config, layout)
+        if multimodal and isinstance(config_json.get("vision_config"), dict):
+            shapes |= expected_vision_shapes(config_json["vision_config"], config.hidden_size)
+        absent = directory / "(config only: no weights)"
+        tensors = {name: TensorInfo(name, absent, dtype, shape, 0, 0) for name, shape in shapes.items()}
+        return cls(directory, config_json, config, layout, tensors, [], weightless=True)
 
     # -- structure -----------------------------------------------------------------------
 

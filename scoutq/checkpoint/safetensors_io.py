@@ -12,6 +12,7 @@ little-endian header length, JSON header, data buffer; header padded with spaces
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -134,6 +135,7 @@ class StreamingWriter:
     The caller declares every tensor up front; `write(name, piece)` appends bytes of the named
     tensor (pieces of one tensor must arrive in row-major order, e.g. expert by expert).
     The file only becomes valid when `close()` confirms every declared byte was written.
+    `sha256` hashes every byte written, so a finished file's digest costs no second read.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
@@ -144,7 +146,12 @@ class StreamingWriter:
         self._order = [name for name, _, _ in entries]
         self._cursor = 0
         self._handle: BinaryIO = open(self.path, "wb")
-        self._handle.write(header_bytes(entries, metadata))
+        self.sha256 = hashlib.sha256()
+        self._emit(header_bytes(entries, metadata))
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._handle.write(data)
+        self.sha256.update(data)
 
     def write(self, name: str, piece: torch.Tensor) -> None:
         if name not in self._remaining:
@@ -160,7 +167,7 @@ class StreamingWriter:
         data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes > self._remaining[name]:
             raise ValueError(f"tensor {name!r}: more bytes written than its declared shape holds")
-        self._handle.write(memoryview(data))
+        self._emit(memoryview(data))
         self._remaining[name] -= data.nbytes
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import click
 import typer
 from rich.markup import escape
 
-from scoutq.cli import fixture, inspect
+from scoutq.cli import fixture, inspect, quantize
 from scoutq.cli._output import error
 from scoutq.errors import ScoutqError
 
@@ -25,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("inspect", epilog=inspect.EXAMPLES)(inspect.inspect)
+app.command("quantize", epilog=quantize.EXAMPLES)(quantize.quantize)
 app.command("fixture", epilog=fixture.EXAMPLES)(fixture.fixture)
 
 

@@ -134,7 +134,9 @@ def _parse_text_config(raw: dict[str, Any]) -> TextConfig:
         heads = int(text.get("num_attention_heads", 40))
         kv_heads = int(text.get("num_key_value_heads") or heads)
         if heads <= 0 or kv_heads <= 0:
-            raise ConfigError(f"config.json: num_attention_heads {heads} and num_key_value_heads {kv_heads} must be positive")
+            raise ConfigError(
+                f"config.json: num_attention_heads ({heads}) and num_key_value_heads ({kv_heads}) must be > 0"
+            )
         head_dim = int(text.get("head_dim") or hidden // heads)
         experts = int(text.get("num_local_experts", 16))
         top_k = int(text.get("num_experts_per_tok", 1))

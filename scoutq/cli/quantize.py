@@ -1,0 +1,112 @@
+"""`scoutq quantize`: a quantized compressed-tensors checkpoint, written shard by shard."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from scoutq.checkpoint.reader import Checkpoint
+from scoutq.cli._output import byte_progress, console, error_console, human_bytes, result_json, table
+from scoutq.errors import ScoutqError
+from scoutq.pipeline.plan import QuantPlan, build_plan
+from scoutq.pipeline.quantize import estimate_peak_memory, quantize_checkpoint
+from scoutq.quant.recipe import load_recipe
+
+EXAMPLES = """Examples:
+
+  scoutq quantize ./Llama-4-Scout-17B-16E-Instruct --recipe w4a16-g128 --out ./scout-w4a16
+
+  scoutq quantize ./scout --recipe recipes/mixed.yaml --out ./scout-mixed --dry-run
+
+  scoutq quantize ./scout --recipe w8a16 --out ./scout-w8 --json > report.json
+
+An interrupted run resumes: run the same command again.
+"""
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ScoutqError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+    value, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
+    base = 1024 if binary else 1000
+    return int(value * base ** " KMGT".index(unit or " "))
+
+
+def plan_rows(plan: QuantPlan) -> list[dict[str, object]]:
+    """role -> scheme -> modules, tensors, bytes in and out (the dry-run table)."""
+    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for item in plan.items:
+        key = (item.module.role.value, item.scheme.describe() if item.scheme else "keep")
+        row = rows[key]
+        row[0] += 1
+        row[1] += len(item.outputs)
+        row[2] += item.bytes_in
+        row[3] += item.bytes_out
+    return [{"role": role, "scheme": scheme, "modules": m, "tensors": t, "bytes_in": i, "bytes_out": o}
+            for (role, scheme), (m, t, i, o) in sorted(rows.items())]
+
+
+def quantize(
+    src: Annotated[Path, typer.Argument(help="Source checkpoint directory (read only).")],
+    recipe: Annotated[str, typer.Option(help="Recipe file, or the name of a shipped recipe (recipes/*.yaml).")],
+    out: Annotated[Path | None, typer.Option(help="Destination directory.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and memory estimate; read headers only.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty destination that is not a run of this command.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Output shard size bound.")] = "5GB",
+    workers: Annotated[int, typer.Option(help="Quantization threads.", min=1)] = 2,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+) -> None:
+    """Quantize a Llama 4 checkpoint's experts (and whatever else the recipe says) to int8/int4.
+
+    Reads the source one expert slice or tensor at a time and writes compressed-tensors
+    `pack-quantized` safetensors that vLLM and transformers load. Router, norms and embeddings
+    always stay in source precision.
+    """
+    checkpoint = Checkpoint.open_for_planning(src) if dry_run else Checkpoint.open(src)
+    if "quantization_config" in checkpoint.config_json:
+        raise ScoutqError(f"{src}: is already quantized (config.json has quantization_config)")
+    checkpoint.validate_shapes()
+    plan = build_plan(checkpoint, load_recipe(recipe))
+    shard_bytes = parse_size(max_shard_size)
+    peak = estimate_peak_memory(plan, workers)
+    rows = plan_rows(plan)
+    totals = {"bytes_in": sum(r["bytes_in"] for r in rows), "bytes_out": sum(r["bytes_out"] for r in rows)}
+
+    if dry_run:
+        if json:
+            result_json({"recipe": plan.recipe.name, "plan": rows, **totals, "estimated_peak_rss_bytes": peak,
+                         "warnings": plan.warnings})
+            return
+        table(f"Plan: {plan.recipe.name} on {src}", ["role", "scheme", "modules", "tensors", "bytes in", "bytes out"],
+              [[str(r["role"]), str(r["scheme"]), str(r["modules"]), str(r["tensors"]), human_bytes(r["bytes_in"]),  # type: ignore[arg-type]
+                human_bytes(r["bytes_out"])] for r in rows], right_align_from=2)  # type: ignore[arg-type]
+        console.print(f"total {human_bytes(totals['bytes_in'])} -> {human_bytes(totals['bytes_out'])} "
+                      f"({totals['bytes_out'] / max(totals['bytes_in'], 1):.1%}); "
+                      f"estimated peak memory {human_bytes(peak)} with {workers} worker(s)")
+        for warning in plan.warnings:
+            error_console.print(f"[yellow]warning:[/] {warning}")
+        return
+
+    if out is None:
+        raise ScoutqError("--out is required (or pass --dry-run)")
+    for warning in plan.warnings:
+        error_console.print(f"[yellow]warning:[/] {warning}")
+    with byte_progress(plan.recipe.name) as progress:
+        task = progress.add_task(f"quantize {plan.recipe.name}", total=totals["bytes_in"])
+        report = quantize_checkpoint(src, plan, checkpoint, out, max_shard_bytes=shard_bytes, workers=workers,
+                                     overwrite=overwrite, on_progress=lambda n: progress.advance(task, n))
+    summary = {**report.__dict__, "throughput_gb_s": report.bytes_in / 1e9 / max(report.seconds, 1e-9)}
+    if json:
+        result_json(summary)
+        return
+    if report.already_complete:
+        console.print(f"{out} already holds this exact result (manifest matches); nothing to do")
+        return
+    resumed = f", {report.shards_reused} reused from an interrupted run" if report.shards_reused else ""
+    console.print(f"wrote {out}: {report.shards} shard(s){resumed}, {human_bytes(report.bytes_in)} -> "
+                  f"{human_bytes(report.bytes_out)} in {report.seconds:.1f} s ({summary['throughput_gb_s']:.2f} GB/s)")

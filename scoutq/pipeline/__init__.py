@@ -1,0 +1,1 @@
+"""Jobs that walk a checkpoint: the quantization plan and its streaming execution, verification."""

@@ -1,0 +1,397 @@
+"""Streaming quantization: read, quantize and write a checkpoint one expert or tensor at a time.
+
+    source shards ──pread──▶ work unit (expert e's gate+up, expert e's down, one tensor)
+                   ──quantize (worker threads)──▶ ordered outputs ──▶ shard writer ──▶ rename
+
+* The plan fixes every output tensor and shard up front; work units run on a small thread
+  pool (torch releases the GIL) while the main thread writes, so reading, quantizing and
+  writing overlap. At most `workers + 1` finished units wait in memory.
+* Tensors above STREAMED_BYTES (embeddings, lm_head) never sit in memory whole: they are
+  read, checked and (if the recipe says) quantized in row blocks as they are written.
+* Each shard is written under a hidden `.partial` name, fsynced, renamed, then recorded with
+  its sha256 in a journal. A rerun of the same command finds the journal, re-checks the
+  finished shards' hashes and writes only the rest. config.json, the index, the copied
+  tokenizer files and finally the manifest are written last; the manifest marks completion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scoutq.checkpoint.manifest import (
+    MANIFEST_NAME,
+    library_versions,
+    read_manifest,
+    sha256_file,
+    source_fingerprint,
+    write_manifest,
+)
+from scoutq.checkpoint.reader import INDEX_NAME, Checkpoint
+from scoutq.checkpoint.rows import read_rows
+from scoutq.checkpoint.safetensors_io import StreamingWriter, TensorInfo
+from scoutq.checkpoint.writer import atomic_write_json, plan_shards, shard_name
+from scoutq.errors import ScoutqError
+from scoutq.pipeline.ct_config import quantization_config
+from scoutq.pipeline.plan import PlannedModule, QuantPlan
+from scoutq.quant.packed import PackedWeight
+from scoutq.quant.rtn import rtn_quantize
+
+JOURNAL_NAME = ".scoutq-journal.json"
+STREAMED_BYTES = 256 * 1024 * 1024  # tensors above this are processed in row blocks while writing
+BLOCK_BYTES = 32 * 1024 * 1024  # row-block size for streamed tensors
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+FAULT_ENV = "SCOUTQ_FAULT_AFTER_BYTES"  # tests: SIGKILL this process after N bytes of shard data
+
+
+@dataclass
+class Unit:
+    """Modules computed together: both halves of one expert's gate_up slice share one read."""
+
+    modules: list[PlannedModule]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [spec.name for item in self.modules for spec in item.outputs]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(item.bytes_in for item in self.modules)
+
+    @property
+    def streamed(self) -> bool:
+        return self.modules[0].module.expert is None and self.bytes_in > STREAMED_BYTES
+
+
+@dataclass
+class QuantizeReport:
+    destination: str
+    identity: str
+    shards: int
+    shards_reused: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    already_complete: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def work_units(plan: QuantPlan) -> list[Unit]:
+    units: list[Unit] = []
+    for item in plan.items:
+        module = item.module
+        last = units[-1].modules[-1].module if units else None
+        if (module.proj == "up" and last is not None and last.proj == "gate"
+                and (last.layer, last.expert, last.source) == (module.layer, module.expert, module.source)):
+            units[-1].modules.append(item)
+        else:
+            units.append(Unit([item]))
+    return units
+
+
+def _check_finite(values: torch.Tensor, info: TensorInfo, where: str = "") -> None:
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise ScoutqError(f"{info.file}: tensor {info.name!r}{where} contains NaN or Inf; refusing to quantize it")
+
+
+def _expert_weight(block: torch.Tensor, item: PlannedModule, width: int) -> torch.Tensor:
+    """nn.Linear view [out, in] of one projection inside an expert's stored [in, out] block."""
+    proj = item.module.proj
+    if proj == "gate":
+        return block[:, :width].t()
+    if proj == "up":
+        return block[:, width:].t()
+    return block.t()
+
+
+def _packed_outputs(item: PlannedModule, packed: PackedWeight) -> Iterator[tuple[str, torch.Tensor]]:
+    for suffix, tensor in packed.state().items():
+        yield f"{item.module.name}.{suffix}", tensor
+
+
+def _produce(checkpoint: Checkpoint, unit: Unit) -> Iterator[tuple[str, torch.Tensor]]:
+    """The unit's output tensors, in plan order, as (name, whole tensor or row block)."""
+    first = unit.modules[0].module
+    info = checkpoint.info(first.source)
+    if first.expert is not None:
+        block = read_rows(info, first.expert, first.expert + 1)[0]
+        _check_finite(block, info, f" (expert {first.expert})")
+        for item in unit.modules:
+            weight = _expert_weight(block, item, checkpoint.config.intermediate_size)
+            if item.scheme is None:
+                yield item.outputs[0].name, weight.contiguous()
+            else:
+                yield from _packed_outputs(item, rtn_quantize(weight, item.scheme))
+        return
+
+    item = unit.modules[0]
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = max(info.nbytes // max(rows, 1), 1)
+    step = max(1, BLOCK_BYTES // row_bytes)
+    if item.scheme is None:
+        if not info.shape:  # a 0-d tensor
+            value = checkpoint.read(info.name)
+            _check_finite(value, info)
+            yield item.outputs[0].name, value
+            return
+        for start in range(0, rows, step):
+            block = read_rows(info, start, min(start + step, rows))
+            _check_finite(block, info)
+            yield item.outputs[0].name, block
+        return
+    # Quantized non-expert weight: packed rows go out as they are made; the small scales
+    # (1/64 of the weight at int4 g128) wait until the packed tensor is complete.
+    scales, zeros = [], []
+    scheme = item.scheme
+    for start in range(0, rows, step):
+        block = read_rows(info, start, min(start + step, rows))
+        _check_finite(block, info)
+        packed = rtn_quantize(block, scheme)
+        yield f"{item.module.name}.weight_packed", packed.packed
+        scales.append(packed.scale)
+        if packed.zero_point is not None:
+            zeros.append(packed.zero_point)
+    whole = PackedWeight(scheme, torch.empty(0, dtype=torch.int32), torch.cat(scales),
+                         torch.cat(zeros) if zeros else None, tuple(info.shape))  # type: ignore[arg-type]
+    for name, tensor in _packed_outputs(item, whole):
+        if not name.endswith(".weight_packed"):
+            yield name, tensor
+
+
+def _ordered_results(
+    checkpoint: Checkpoint, units: list[Unit], workers: int
+) -> Iterator[tuple[Unit, Iterator[tuple[str, torch.Tensor]]]]:
+    """Each unit's outputs, in order; up to `workers + 1` units computed ahead on the pool."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scoutq-quant") as pool:
+        window: deque[tuple[Unit, Future[list[tuple[str, torch.Tensor]]] | None]] = deque()
+        pending = iter(units)
+
+        def submit_next() -> None:
+            for unit in pending:
+                if unit.streamed:  # computed lazily by the writer, in row blocks
+                    window.append((unit, None))
+                else:
+                    window.append((unit, pool.submit(lambda u=unit: list(_produce(checkpoint, u)))))
+                return
+
+        for _ in range(workers + 1):
+            submit_next()
+        try:
+            while window:
+                unit, future = window.popleft()
+                submit_next()
+                yield unit, iter(future.result()) if future is not None else _produce(checkpoint, unit)
+        except BaseException:
+            for _, future in window:
+                if future is not None:
+                    future.cancel()
+            raise
+
+
+def run_identity(checkpoint: Checkpoint, plan: QuantPlan, max_shard_bytes: int) -> dict[str, Any]:
+    """Everything that determines the output bytes; its hash keys resume and reuse."""
+    return {
+        "versions": {k: v for k, v in library_versions().items() if k != "python"},
+        "recipe": json.loads(plan.recipe.canonical_json()),
+        "source_fingerprint": source_fingerprint(checkpoint),
+        "max_shard_bytes": max_shard_bytes,
+        "tensors": [[spec.name, spec.dtype, list(spec.shape)] for spec in plan.specs],
+    }
+
+
+def _identity_hash(identity: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_destination(src: Path, dst: Path, identity: str, overwrite: bool) -> dict[str, str] | None:
+    """Finished shards to keep (name -> sha256) when resuming, or None if DST is complete."""
+    src_resolved, dst_resolved = src.resolve(), dst.resolve()
+    if dst_resolved == src_resolved or dst_resolved.is_relative_to(src_resolved) or src_resolved.is_relative_to(dst_resolved):
+        raise ScoutqError(f"{dst}: the output must be outside the source checkpoint {src} (the source is never written)")
+    if dst.exists() and not dst.is_dir():
+        raise ScoutqError(f"{dst}: exists and is not a directory")
+    if not dst.exists() or not any(dst.iterdir()):
+        dst.mkdir(parents=True, exist_ok=True)
+        return {}
+    manifest = read_manifest(dst)
+    if manifest and manifest.get("identity") == identity and not overwrite:
+        return None
+    journal = _read_journal(dst)
+    if journal is not None and journal.get("identity") == identity and not overwrite:
+        return dict(journal.get("shards", {}))
+    if not overwrite:
+        raise ScoutqError(
+            f"{dst}: not empty and not an unfinished run of this same command; pass --overwrite to replace its contents"
+        )
+    for entry in dst.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return {}
+
+
+def _read_journal(dst: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads((dst / JOURNAL_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def quantize_checkpoint(
+    src: Path,
+    plan: QuantPlan,
+    checkpoint: Checkpoint,
+    dst: Path,
+    max_shard_bytes: int = 5 * 10**9,
+    workers: int = 2,
+    overwrite: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> QuantizeReport:
+    """Write the quantized checkpoint `plan` describes into `dst` (resuming when possible)."""
+    started = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    identity_body = run_identity(checkpoint, plan, max_shard_bytes)
+    identity = _identity_hash(identity_body)
+    finished = _prepare_destination(src, dst, identity, overwrite)
+    bytes_in = sum(item.bytes_in for item in plan.items)
+    bytes_out = sum(item.bytes_out for item in plan.items)
+    shards = plan_shards(plan.specs, max_shard_bytes)
+    names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    if finished is None:
+        if on_progress:
+            on_progress(bytes_in)
+        return QuantizeReport(str(dst), identity, len(shards), len(shards), bytes_in, bytes_out,
+                              time.perf_counter() - started, already_complete=True, warnings=plan.warnings)
+
+    # A journaled shard is kept only if its bytes still hash to what was recorded.
+    kept = {name: digest for name, digest in finished.items() if name in names and (dst / name).is_file()
+            and sha256_file(dst / name) == digest}
+    journal: dict[str, Any] = {"identity": identity, "shards": dict(kept)}
+    atomic_write_json(dst / JOURNAL_NAME, journal)
+
+    shard_of = {spec.name: index for index, shard in enumerate(shards) for spec in shard}
+    todo = [unit for unit in work_units(plan) if any(names[shard_of[o]] not in kept for o in unit.outputs)]
+    skipped = sum(unit.bytes_in for unit in work_units(plan)) - sum(unit.bytes_in for unit in todo)
+    if on_progress and skipped:
+        on_progress(skipped)
+
+    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    written = 0
+    writer: StreamingWriter | None = None
+    current = -1
+
+    def finish_shard() -> None:
+        assert writer is not None
+        writer.close()
+        os.replace(writer.path, dst / names[current])
+        journal["shards"][names[current]] = writer.sha256.hexdigest()
+        atomic_write_json(dst / JOURNAL_NAME, journal)
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, torch_threads // max(workers, 1)))  # workers share the cores
+    try:
+        for unit, outputs in _ordered_results(checkpoint, todo, workers):
+            for name, piece in outputs:
+                index = shard_of[name]
+                if names[index] in kept:
+                    continue
+                if index != current:
+                    if writer is not None:
+                        finish_shard()
+                    current = index
+                    entries = [(spec.name, spec.dtype, spec.shape) for spec in shards[index]]
+                    writer = StreamingWriter(dst / f".{names[index]}.partial", entries)
+                writer.write(name, piece)  # type: ignore[union-attr]
+                written += piece.numel() * piece.element_size()
+                if fault_after and written >= fault_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if on_progress:
+                on_progress(unit.bytes_in)
+        if writer is not None:
+            finish_shard()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        torch.set_num_threads(torch_threads)
+
+    _finalize(src, dst, checkpoint, plan, shards, names, journal["shards"], identity, identity_body)
+    return QuantizeReport(str(dst), identity, len(shards), len(kept), bytes_in, bytes_out,
+                          time.perf_counter() - started, warnings=plan.warnings)
+
+
+def _finalize(
+    src: Path,
+    dst: Path,
+    checkpoint: Checkpoint,
+    plan: QuantPlan,
+    shards: list,
+    names: list[str],
+    shard_hashes: dict[str, str],
+    identity: str,
+    identity_body: dict[str, Any],
+) -> None:
+    file_hashes = {name: shard_hashes[name] for name in names}
+    if len(shards) > 1:
+        weight_map = {spec.name: names[i] for i, shard in enumerate(shards) for spec in shard}
+        total = sum(spec.nbytes for spec in plan.specs)
+        atomic_write_json(dst / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        file_hashes[INDEX_NAME] = sha256_file(dst / INDEX_NAME)
+
+    config = dict(checkpoint.config_json)
+    config["quantization_config"] = quantization_config(plan, checkpoint.layout)
+    atomic_write_json(dst / "config.json", config)
+    file_hashes["config.json"] = sha256_file(dst / "config.json")
+
+    # Tokenizer, generation config, chat template, processor configs: copied as they are.
+    for entry in sorted(src.iterdir()):
+        if (entry.is_file() and entry.name not in ("config.json", INDEX_NAME)
+                and not entry.name.endswith(WEIGHT_FILES) and not entry.name.startswith(("scoutq-", "."))):
+            partial = dst / f".{entry.name}.partial"
+            shutil.copyfile(entry, partial)
+            os.replace(partial, dst / entry.name)
+            file_hashes[entry.name] = sha256_file(dst / entry.name)
+
+    write_manifest(dst, {
+        "format": "scoutq-manifest/1",
+        "identity": identity,
+        "versions": library_versions(),
+        "recipe": identity_body["recipe"],
+        "recipe_sha256": plan.recipe.fingerprint(),
+        "source": {"path": str(src.resolve()), "fingerprint": identity_body["source_fingerprint"]},
+        "quantized_modules": len(plan.quantized()),
+        "bytes_in": sum(item.bytes_in for item in plan.items),
+        "bytes_out": sum(item.bytes_out for item in plan.items),
+    }, file_hashes)
+    (dst / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+
+
+RUNTIME_BASE_BYTES = 450 * 1024 * 1024  # Python, torch and the thread pool, measured idle
+
+
+def estimate_peak_memory(plan: QuantPlan, workers: int) -> int:
+    """Upper estimate of peak RSS: the runtime plus `workers + 1` units in flight plus one
+    streamed block. A unit holds its source read, an fp32 row block per module and its outputs."""
+    units = work_units(plan)
+    in_flight = sorted(
+        (unit.bytes_in + sum(item.bytes_out for item in unit.modules) + 2 * BLOCK_BYTES
+         for unit in units if not unit.streamed), reverse=True)
+    return RUNTIME_BASE_BYTES + sum(in_flight[: workers + 1]) + 3 * BLOCK_BYTES
+
+
+__all__ = ["MANIFEST_NAME", "QuantizeReport", "estimate_peak_memory", "quantize_checkpoint", "work_units"]

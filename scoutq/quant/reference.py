@@ -1,0 +1,82 @@
+"""Slow, obvious twins of primitives.py: one value, one bit field at a time.
+
+Used only by tests, which require the fast primitives to match these bit for bit. Written
+from the format's definition (quantized-formats.md B1), not from the fast code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from scoutq.quant.scheme import Scheme
+
+
+def qparams(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out_features, in_features = w.shape
+    size = scheme.group_size or in_features
+    groups = in_features // size
+    levels = scheme.qmax - scheme.qmin
+    scale = torch.empty(out_features, groups, dtype=scale_dtype)
+    zero = None if scheme.symmetric else torch.empty(out_features, groups, dtype=torch.int8)
+    tiny = torch.finfo(scale_dtype).tiny
+    for row in range(out_features):
+        for g in range(groups):
+            values = w[row, g * size : (g + 1) * size].float()
+            if scheme.symmetric:
+                s = float(values.abs().max()) / (levels / 2)
+                scale[row, g] = torch.tensor(max(s, tiny)).to(scale_dtype)
+            else:
+                low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+                s = torch.tensor(max((high - low) / levels, tiny), dtype=torch.float32).to(scale_dtype)
+                scale[row, g] = s
+                z = round(scheme.qmin - low / float(s))  # Python rounds half to even, like torch.round
+                zero[row, g] = min(max(z, scheme.qmin), scheme.qmax)  # type: ignore[index]
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    out_features, in_features = w.shape
+    size = scheme.group_size or in_features
+    q = torch.empty(out_features, in_features, dtype=torch.int8)
+    for row in range(out_features):
+        for col in range(in_features):
+            g = col // size
+            # fp32 arithmetic, as the definition says: round(w / s) + z
+            x = torch.tensor(float(w[row, col]), dtype=torch.float32) / scale[row, g].float()
+            if zero is not None:
+                x = x + float(zero[row, g])
+            q[row, col] = int(min(max(torch.round(x).item(), scheme.qmin), scheme.qmax))
+    return q
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    rows, cols = q.shape
+    per_word = 32 // bits
+    words = math.ceil(cols / per_word)
+    packed = torch.zeros(rows, words, dtype=torch.int32)
+    for row in range(rows):
+        for word in range(words):
+            value = 0
+            for j in range(per_word):
+                col = word * per_word + j
+                if col < cols:
+                    unsigned = int(q[row, col]) + (1 << (bits - 1))
+                    value |= unsigned << (bits * j)  # element j at bits [bits*j, bits*(j+1))
+            if value >= 1 << 31:  # store the 32-bit pattern as a signed int32
+                value -= 1 << 32
+            packed[row, word] = value
+    return packed
+
+
+def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    rows, words = packed.shape
+    per_word = 32 // bits
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    for row in range(rows):
+        for col in range(cols):
+            word = int(packed[row, col // per_word]) & 0xFFFFFFFF
+            unsigned = (word >> (bits * (col % per_word))) & ((1 << bits) - 1)
+            q[row, col] = unsigned - (1 << (bits - 1))
+    return q
