@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 CACHE ?= .cache/scoutq
 STAMP := $(VENV)/.scoutq-installed
 
-.PHONY: install demo test test-slow fixtures bench-fixture clean
+.PHONY: install demo test test-slow fixtures bench-fixture bench-quantize clean
 
 install: $(STAMP)
 
@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Until `scoutq quantize` lands, the demo builds (or reuses) the tiny fixture and inspects it.
+# The main job on the built-in default: the trained tiny Llama 4, quantized to int4, verified.
 demo: install
-	$(BIN)/scoutq fixture $(CACHE)/tiny --preset tiny --reuse
-	$(BIN)/scoutq inspect $(CACHE)/tiny
+	$(BIN)/scoutq fixture $(CACHE)/tiny-trained --preset tiny-trained --reuse
+	$(BIN)/scoutq quantize $(CACHE)/tiny-trained --recipe w4a16-g128 --out $(CACHE)/demo/tiny-trained-w4a16-g128
+	$(BIN)/scoutq verify $(CACHE)/demo/tiny-trained-w4a16-g128
+	$(BIN)/scoutq inspect $(CACHE)/demo/tiny-trained-w4a16-g128
 
 # The trained fixture the test suite and later demos use (a few minutes, cached).
 fixtures: install
@@ -47,3 +49,8 @@ BENCH_DIR ?= .cache/scoutq/bench
 bench-fixture: install
 	$(BIN)/python -m scoutq.bench.peak_rss -- $(BIN)/scoutq fixture $(BENCH_DIR)/scout-layers-1 --preset scout-layers --layers 1 --reuse
 	$(BIN)/python -m scoutq.bench.peak_rss -- $(BIN)/scoutq inspect $(BENCH_DIR)/scout-layers-1
+
+# Quantization throughput (GB/s of bf16 input, and as a ratio to a plain read of the same
+# files) and peak RSS, for 1 and 3 real-Scout-shape layers. Needs ~40 GB of disk.
+bench-quantize: install
+	$(BIN)/python -m scoutq.bench.quantize --layers 1 --layers 3 --dir $(BENCH_DIR)

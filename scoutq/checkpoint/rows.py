@@ -20,8 +20,15 @@ from scoutq.checkpoint.safetensors_io import DTYPES, ITEM_SIZE, TensorInfo
 from scoutq.errors import CheckpointError
 
 
-@lru_cache(maxsize=256)
 def _data_start(file: Path) -> int:
+    # Cached per file *version*: a file rewritten in place (new header length) must not be
+    # read at the old offsets.
+    stat = os.stat(file)
+    return _cached_data_start(Path(file), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _cached_data_start(file: Path, inode: int, size: int, mtime_ns: int) -> int:
     with open(file, "rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
     return 8 + header_len

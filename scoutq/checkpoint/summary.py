@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from scoutq.checkpoint.layout import ROUTED_EXPERT_ROLES, Role
 from scoutq.checkpoint.reader import Checkpoint
+
+
+PACKED_SUFFIXES = frozenset({"weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"})
 
 
 @dataclass(frozen=True)
@@ -20,22 +24,30 @@ class RoleTotals:
 
 
 def summarize(checkpoint: Checkpoint) -> dict[str, Any]:
-    """A JSON-ready description of the checkpoint; reads no tensor data."""
+    """A JSON-ready description of the checkpoint from its headers (for a quantized one, plus
+    each module's 16-byte weight_shape, since packed tensors hide the logical shape)."""
     config = checkpoint.config
     totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     routed_params = text_params = vision_params = 0
     for name, info in checkpoint.tensors.items():
-        role = checkpoint.classify(name).role
-        entry = totals[(role.value, info.dtype)]
+        key_role = checkpoint.classify(name)
+        role = key_role.role
+        packed = key_role.suffix in PACKED_SUFFIXES or key_role.suffix == "weight_shape"
+        entry = totals[(role.value, "packed" if packed else info.dtype)]
         entry[0] += 1
-        entry[1] += info.numel
         entry[2] += info.nbytes
+        if key_role.suffix in PACKED_SUFFIXES:
+            continue  # a quantized weight's parameters are counted once, from its weight_shape
+        numel = info.numel
+        if key_role.suffix == "weight_shape":  # 16 bytes of data: the logical [out, in]
+            numel = math.prod(int(v) for v in checkpoint.read(name).tolist())
+        entry[1] += numel
         if role in (Role.VISION, Role.PROJECTOR):
-            vision_params += info.numel
+            vision_params += numel
         else:
-            text_params += info.numel
+            text_params += numel
         if role in ROUTED_EXPERT_ROLES:
-            routed_params += info.numel
+            routed_params += numel
     # Per token, a MoE layer runs top_k of its E routed experts; everything else always runs
     # (the embedding table is counted whole, as Meta's "17B active" does).
     active = text_params - routed_params + routed_params * config.num_experts_per_tok // max(config.num_local_experts, 1)

@@ -13,7 +13,7 @@ import click
 import typer
 from rich.markup import escape
 
-from scoutq.cli import fixture, inspect, quantize
+from scoutq.cli import fixture, inspect, quantize, verify
 from scoutq.cli._output import error
 from scoutq.errors import ScoutqError
 
@@ -27,6 +27,7 @@ app = typer.Typer(
 app.command("inspect", epilog=inspect.EXAMPLES)(inspect.inspect)
 app.command("quantize", epilog=quantize.EXAMPLES)(quantize.quantize)
 app.command("fixture", epilog=fixture.EXAMPLES)(fixture.fixture)
+app.command("verify", epilog=verify.EXAMPLES)(verify.verify)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,8 +8,8 @@
   writing overlap. At most `workers + 1` finished units wait in memory.
 * Tensors above STREAMED_BYTES (embeddings, lm_head) never sit in memory whole: they are
   read, checked and (if the recipe says) quantized in row blocks as they are written.
-* Each shard is written under a hidden `.partial` name, fsynced, renamed, then recorded with
-  its sha256 in a journal. A rerun of the same command finds the journal, re-checks the
+* Each shard is written under a hidden `.partial` name, fsynced, recorded with its sha256
+  in a journal, then renamed. A rerun of the same command finds the journal, re-checks the
   finished shards' hashes and writes only the rest. config.json, the index, the copied
   tokenizer files and finally the manifest are written last; the manifest marks completion.
 """
@@ -46,9 +46,11 @@ from scoutq.errors import ScoutqError
 from scoutq.pipeline.ct_config import quantization_config
 from scoutq.pipeline.plan import PlannedModule, QuantPlan
 from scoutq.quant.packed import PackedWeight
-from scoutq.quant.rtn import rtn_quantize
+from scoutq.quant import rtn
+from scoutq.quant.rtn import rtn_quantize, rtn_quantize_input_major
 
 JOURNAL_NAME = ".scoutq-journal.json"
+COMPILE_ABOVE_BYTES = 2 * 10**9  # compiling the kernels (~10-30 s once) pays off above this
 STREAMED_BYTES = 256 * 1024 * 1024  # tensors above this are processed in row blocks while writing
 BLOCK_BYTES = 32 * 1024 * 1024  # row-block size for streamed tensors
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
@@ -100,19 +102,26 @@ def work_units(plan: QuantPlan) -> list[Unit]:
     return units
 
 
-def _check_finite(values: torch.Tensor, info: TensorInfo, where: str = "") -> None:
-    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-        raise ScoutqError(f"{info.file}: tensor {info.name!r}{where} contains NaN or Inf; refusing to quantize it")
+def _where(info: TensorInfo, expert: int | None = None) -> str:
+    return f"{info.file}: tensor {info.name!r}" + (f" (expert {expert})" if expert is not None else "")
 
 
-def _expert_weight(block: torch.Tensor, item: PlannedModule, width: int) -> torch.Tensor:
-    """nn.Linear view [out, in] of one projection inside an expert's stored [in, out] block."""
+def _check_finite(values: torch.Tensor, what: str) -> None:
+    """NaN and Inf propagate through min/max; one aminmax pass reads bf16 without a copy."""
+    if values.is_floating_point() and values.numel():
+        low, high = torch.aminmax(values)
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+            raise ScoutqError(f"{what} contains NaN or Inf; refusing to quantize it")
+
+
+def _expert_stored(block: torch.Tensor, item: PlannedModule, width: int) -> torch.Tensor:
+    """One projection inside an expert's stored block, as stored: [in, out] (the Linear's transpose)."""
     proj = item.module.proj
     if proj == "gate":
-        return block[:, :width].t()
+        return block[:, :width]
     if proj == "up":
-        return block[:, width:].t()
-    return block.t()
+        return block[:, width:]
+    return block
 
 
 def _packed_outputs(item: PlannedModule, packed: PackedWeight) -> Iterator[tuple[str, torch.Tensor]]:
@@ -126,13 +135,14 @@ def _produce(checkpoint: Checkpoint, unit: Unit) -> Iterator[tuple[str, torch.Te
     info = checkpoint.info(first.source)
     if first.expert is not None:
         block = read_rows(info, first.expert, first.expert + 1)[0]
-        _check_finite(block, info, f" (expert {first.expert})")
+        what = _where(info, first.expert)
         for item in unit.modules:
-            weight = _expert_weight(block, item, checkpoint.config.intermediate_size)
+            stored = _expert_stored(block, item, checkpoint.config.intermediate_size)
             if item.scheme is None:
-                yield item.outputs[0].name, weight.contiguous()
-            else:
-                yield from _packed_outputs(item, rtn_quantize(weight, item.scheme))
+                _check_finite(stored, what)
+                yield item.outputs[0].name, stored.t().contiguous()
+            else:  # quantized where it lies: no transpose of the bf16 data; the scale check finds NaN
+                yield from _packed_outputs(item, rtn_quantize_input_major(stored, item.scheme, what=what))
         return
 
     item = unit.modules[0]
@@ -142,12 +152,12 @@ def _produce(checkpoint: Checkpoint, unit: Unit) -> Iterator[tuple[str, torch.Te
     if item.scheme is None:
         if not info.shape:  # a 0-d tensor
             value = checkpoint.read(info.name)
-            _check_finite(value, info)
+            _check_finite(value, _where(info))
             yield item.outputs[0].name, value
             return
         for start in range(0, rows, step):
             block = read_rows(info, start, min(start + step, rows))
-            _check_finite(block, info)
+            _check_finite(block, _where(info))
             yield item.outputs[0].name, block
         return
     # Quantized non-expert weight: packed rows go out as they are made; the small scales
@@ -156,8 +166,7 @@ def _produce(checkpoint: Checkpoint, unit: Unit) -> Iterator[tuple[str, torch.Te
     scheme = item.scheme
     for start in range(0, rows, step):
         block = read_rows(info, start, min(start + step, rows))
-        _check_finite(block, info)
-        packed = rtn_quantize(block, scheme)
+        packed = rtn_quantize(block, scheme, what=_where(info))
         yield f"{item.module.name}.weight_packed", packed.packed
         scales.append(packed.scale)
         if packed.zero_point is not None:
@@ -258,8 +267,13 @@ def quantize_checkpoint(
     workers: int = 2,
     overwrite: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    compile_kernels: bool | None = None,
 ) -> QuantizeReport:
-    """Write the quantized checkpoint `plan` describes into `dst` (resuming when possible)."""
+    """Write the quantized checkpoint `plan` describes into `dst` (resuming when possible).
+
+    compile_kernels: fuse the RTN block kernels with torch.compile (None: when a C++ compiler
+    exists and the input is large). The output bytes are identical either way.
+    """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     identity_body = run_identity(checkpoint, plan, max_shard_bytes)
@@ -295,10 +309,15 @@ def quantize_checkpoint(
     def finish_shard() -> None:
         assert writer is not None
         writer.close()
-        os.replace(writer.path, dst / names[current])
+        # Journal first, then rename: a shard under its final name is always journaled, so an
+        # interrupt between the two never makes a resume rewrite a finished shard.
         journal["shards"][names[current]] = writer.sha256.hexdigest()
         atomic_write_json(dst / JOURNAL_NAME, journal)
+        os.replace(writer.path, dst / names[current])
 
+    if compile_kernels is None:
+        compile_kernels = rtn.compiler_available() and bytes_in > COMPILE_ABOVE_BYTES
+    rtn.use_compiled(compile_kernels)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, torch_threads // max(workers, 1)))  # workers share the cores
     try:
@@ -327,6 +346,7 @@ def quantize_checkpoint(
         raise
     finally:
         torch.set_num_threads(torch_threads)
+        rtn.use_compiled(False)
 
     _finalize(src, dst, checkpoint, plan, shards, names, journal["shards"], identity, identity_body)
     return QuantizeReport(str(dst), identity, len(shards), len(kept), bytes_in, bytes_out,
