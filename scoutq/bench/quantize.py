@@ -41,7 +41,8 @@ def safetensors_load(files: list[Path]) -> tuple[int, float]:
     for file in files:
         with safe_open(str(file), "pt") as handle:
             for key in handle.keys():
-                tensor = handle.get_tensor(key)
+                # get_tensor maps the file lazily; the copy makes it actually read the bytes.
+                tensor = handle.get_tensor(key).clone()
                 total += tensor.numel() * tensor.element_size()
                 del tensor
     return total, time.perf_counter() - start

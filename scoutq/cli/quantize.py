@@ -96,10 +96,14 @@ def quantize(
         raise ScoutqError("--out is required (or pass --dry-run)")
     for warning in plan.warnings:
         error_console.print(f"[yellow]warning:[/] {warning}")
-    with byte_progress(plan.recipe.name) as progress:
-        task = progress.add_task(f"quantize {plan.recipe.name}", total=totals["bytes_in"])
-        report = quantize_checkpoint(src, plan, checkpoint, out, max_shard_bytes=shard_bytes, workers=workers,
-                                     overwrite=overwrite, on_progress=lambda n: progress.advance(task, n))
+    try:
+        with byte_progress(plan.recipe.name) as progress:
+            task = progress.add_task(f"quantize {plan.recipe.name}", total=totals["bytes_in"])
+            report = quantize_checkpoint(src, plan, checkpoint, out, max_shard_bytes=shard_bytes, workers=workers,
+                                         overwrite=overwrite, on_progress=lambda n: progress.advance(task, n))
+    except KeyboardInterrupt:
+        error_console.print(f"interrupted: finished shards are kept in {out}; run the same command again to resume")
+        raise typer.Exit(130) from None
     summary = {**report.__dict__, "throughput_gb_s": report.bytes_in / 1e9 / max(report.seconds, 1e-9)}
     if json:
         result_json(summary)

@@ -29,9 +29,12 @@ def qparams(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> tuple[
                 scale[row, g] = torch.tensor(max(s, tiny)).to(scale_dtype)
             else:
                 low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
-                s = torch.tensor(max((high - low) / levels, tiny), dtype=torch.float32).to(scale_dtype)
+                # fp32 arithmetic throughout, as for quantize: in float64, (high - low) and
+                # low / s round differently for fp32 weights and move the last bit of the scale.
+                low32, high32 = torch.tensor(low, dtype=torch.float32), torch.tensor(high, dtype=torch.float32)
+                s = torch.tensor(max(float((high32 - low32) / levels), tiny), dtype=torch.float32).to(scale_dtype)
                 scale[row, g] = s
-                z = round(scheme.qmin - low / float(s))  # Python rounds half to even, like torch.round
+                z = round(float(torch.tensor(float(scheme.qmin)) - low32 / s.float()))  # half to even, as torch.round
                 zero[row, g] = min(max(z, scheme.qmin), scheme.qmax)  # type: ignore[index]
     return scale, zero
 
