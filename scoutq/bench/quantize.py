@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-from scoutq.bench.peak_rss import measure
 
 
 def plain_read(files: list[Path]) -> tuple[int, float]:
@@ -50,8 +49,8 @@ def safetensors_load(files: list[Path]) -> tuple[int, float]:
 
 def bench_one(scoutq: str, directory: Path, layers: int, recipe: str, workers: int) -> dict[str, object]:
     source = directory / f"scout-layers-{layers}"
-    made = measure([scoutq, "fixture", str(source), "--preset", "scout-layers", "--layers", str(layers), "--reuse"])
-    if made["exit_code"] != 0:
+    made = subprocess.run([scoutq, "fixture", str(source), "--preset", "scout-layers", "--layers", str(layers), "--reuse"])
+    if made.returncode != 0:
         raise SystemExit(f"building {source} failed")
     shards = sorted(source.glob("*.safetensors"))
     read_bytes, read_seconds = plain_read(shards)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -45,6 +46,7 @@ ITEM_SIZE: dict[str, int] = {name: torch.empty((), dtype=dtype).element_size() f
 # A real header is a few hundred KB at most (Scout's largest shard has ~50 tensors); anything
 # near this is a corrupt length prefix, and refusing it avoids allocating gigabytes.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+FLUSH_EVERY_BYTES = 256 * 1024 * 1024  # StreamingWriter starts background writeback this often
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,22 @@ class StreamingWriter:
         self._order = [name for name, _, _ in entries]
         self._cursor = 0
         self._handle: BinaryIO = open(self.path, "wb")
+        self._unflushed = 0
+        self._flusher: threading.Thread | None = None
         self.sha256 = hashlib.sha256()
         self._emit(header_bytes(entries, metadata))
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._handle.write(data)
         self.sha256.update(data)
+        self._unflushed += len(data)
+        if self._unflushed >= FLUSH_EVERY_BYTES and (self._flusher is None or not self._flusher.is_alive()):
+            # Start writeback now, on a helper thread, instead of leaving gigabytes of dirty
+            # pages for close(): the disk then works while the next tensors are computed.
+            self._unflushed = 0
+            self._handle.flush()
+            self._flusher = threading.Thread(target=os.fdatasync, args=(self._handle.fileno(),), daemon=True)
+            self._flusher.start()
 
     def write(self, name: str, piece: torch.Tensor) -> None:
         if name not in self._remaining:
@@ -176,8 +188,12 @@ class StreamingWriter:
             self._handle.close()
             raise ValueError(f"{self.path}: tensors not completely written: {missing[:3]}")
         self._handle.flush()
+        if self._flusher is not None:
+            self._flusher.join()
         os.fsync(self._handle.fileno())
         self._handle.close()
 
     def abort(self) -> None:
+        if self._flusher is not None:
+            self._flusher.join()
         self._handle.close()

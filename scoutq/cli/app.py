@@ -13,7 +13,7 @@ import click
 import typer
 from rich.markup import escape
 
-from scoutq.cli import fixture, inspect, quantize, verify
+from scoutq.cli import bench, fixture, inspect, quantize, run, verify
 from scoutq.cli._output import error
 from scoutq.errors import ScoutqError
 
@@ -28,6 +28,8 @@ app.command("inspect", epilog=inspect.EXAMPLES)(inspect.inspect)
 app.command("quantize", epilog=quantize.EXAMPLES)(quantize.quantize)
 app.command("fixture", epilog=fixture.EXAMPLES)(fixture.fixture)
 app.command("verify", epilog=verify.EXAMPLES)(verify.verify)
+app.command("run", epilog=run.EXAMPLES)(run.run)
+app.add_typer(bench.app, name="bench")
 
 
 def main(argv: list[str] | None = None) -> None:

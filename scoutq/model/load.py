@@ -32,23 +32,34 @@ def _source_tensors(checkpoint: Checkpoint) -> Iterator[tuple[str, str, bool]]:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    backend: str | None = None,
 ) -> Llama4ForCausalLM:
-    """Load a Llama 4 checkpoint (multimodal or text-only HF layout) as a scoutq module.
+    """Load a Llama 4 checkpoint as a scoutq module: bf16 sources (multimodal or text-only HF
+    layout) and scoutq-quantized compressed-tensors outputs alike.
 
     Args:
         path: checkpoint directory with config.json and safetensors shards.
         device: where the weights live.
-        dtype: weight and activation dtype (bf16 for speed, fp32 for reference comparisons).
+        dtype: activation dtype, and weight dtype of everything not quantized.
+        backend: kernel backend for quantized weights (reference, cpu, bnb); default: the
+            fastest for the device. Ignored for unquantized checkpoints.
 
     Returns:
         A module in eval mode; `model(input_ids [B, T])` returns logits [B, T, vocab].
     """
     checkpoint = Checkpoint.open(path)
     if "quantization_config" in checkpoint.config_json:
-        raise CheckpointError(
-            f"{checkpoint.directory}: is a quantized checkpoint; loading quantized weights needs the quantized runtime"
-        )
+        from scoutq.kernels import Backend, default_backend
+        from scoutq.model.quantized import load_quantized
+
+        try:
+            chosen = Backend(backend) if backend else default_backend(device)
+        except ValueError:
+            raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(b.value for b in Backend)}") from None
+        return load_quantized(checkpoint, device, dtype, chosen)
     if checkpoint.config.hidden_act != "silu":
         raise ConfigError(f"config.json: hidden_act {checkpoint.config.hidden_act!r} is not supported (Llama 4 uses silu)")
     checkpoint.validate_shapes()

@@ -22,7 +22,7 @@ from scoutq.checkpoint.safetensors_io import ITEM_SIZE
 from scoutq.checkpoint.writer import TensorSpec
 from scoutq.errors import ScoutqError
 from scoutq.quant.packed import packed_shapes
-from scoutq.quant.recipe import FORBIDDEN_GROUPS, Recipe, RoleGroup
+from scoutq.quant.recipe import Recipe, RoleGroup
 from scoutq.quant.scheme import Scheme
 
 ExpertProj = Literal["gate", "up", "down"]

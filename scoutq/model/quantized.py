@@ -1,0 +1,148 @@
+"""The runtime for scoutq-quantized checkpoints: packed weights stay packed.
+
+Each quantized Linear becomes a `QuantLinear` and each layer's routed experts a
+`QuantExperts`, both holding weights repacked once for the chosen kernel backend
+(scoutq.kernels); nothing is dequantized to a full-precision copy, except by the `reference`
+backend, which dequantizes on every call because it is the oracle. Everything else (norms,
+router, embeddings, unquantized Linears) is loaded as in the bf16 model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scoutq.checkpoint.reader import Checkpoint
+from scoutq.errors import CheckpointError
+from scoutq.kernels import Backend, QuantMatmul, prepare
+from scoutq.model.llama4 import Llama4ForCausalLM
+from scoutq.model.moe import Experts
+from scoutq.quant.ct_schema import QuantGroup, group_for, parse_quantization_config
+from scoutq.quant.packed import SUFFIXES, PackedWeight
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T for a packed W; any leading dims."""
+
+    def __init__(self, matmul: QuantMatmul):
+        super().__init__()
+        self.matmul = matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x.reshape(-1, x.shape[-1]))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"{self.matmul.in_features} -> {self.matmul.out_features}, {type(self.matmul).__name__}"
+
+
+class QuantExperts(nn.Module):
+    """A layer's routed experts, gate and up fused into one packed [2F, D] weight per expert."""
+
+    def __init__(self, gate_up: list[QuantMatmul], down: list[QuantMatmul]):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+
+    def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up[expert](x).chunk(2, dim=-1)
+        return self.down[expert](F.silu(gate) * up)
+
+
+def concat_rows(weights: list[PackedWeight]) -> PackedWeight:
+    """Stack packed weights along the output dimension (packing is per row, so this is exact)."""
+    first = weights[0]
+    if any(w.scheme != first.scheme or w.shape[1] != first.shape[1] for w in weights):
+        raise CheckpointError("gate and up projections of an expert must share one scheme and input width")
+    zeros = None if first.zero_point is None else torch.cat([w.zero_point for w in weights])  # type: ignore[misc]
+    return PackedWeight(first.scheme, torch.cat([w.packed for w in weights]), torch.cat([w.scale for w in weights]),
+                        zeros, (sum(w.shape[0] for w in weights), first.shape[1]))
+
+
+def _packed(checkpoint: Checkpoint, module: str, group: QuantGroup) -> PackedWeight:
+    tensors = {suffix: checkpoint.read(f"{module}.{suffix}") for suffix in SUFFIXES
+               if f"{module}.{suffix}" in checkpoint.tensors}
+    missing = {"weight_packed", "weight_scale", "weight_shape"} - tensors.keys()
+    if missing:
+        raise CheckpointError(f"{checkpoint.directory}: module {module!r} is quantized by {group.name} but has no "
+                              f"{sorted(missing)[0]}")
+    return PackedWeight.from_state(tensors, group.scheme)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+def load_quantized(checkpoint: Checkpoint, device: str | torch.device, dtype: torch.dtype,
+                   backend: Backend) -> Llama4ForCausalLM:
+    """Build the model from a compressed-tensors pack-quantized checkpoint written by scoutq."""
+    config, layout = checkpoint.config, checkpoint.layout
+    config_path = checkpoint.directory / "config.json"
+    groups, ignore = parse_quantization_config(config_path, checkpoint.config_json["quantization_config"])
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(config)
+    state: dict[str, torch.Tensor] = {}
+
+    def dense(key: str) -> torch.Tensor:
+        return checkpoint.read(key).to(device=device, dtype=dtype)
+
+    def linear(param_path: str, module: str) -> None:
+        group = group_for(module, groups, ignore, config_path)
+        if group is None:
+            state[f"{param_path}.weight"] = dense(f"{module}.weight")
+        else:
+            _set_module(model, param_path, QuantLinear(prepare(_packed(checkpoint, module, group), backend, device)))
+
+    state["embed_tokens.weight"] = dense(layout.embed_key)
+    state["norm.weight"] = dense(layout.norm_key)
+    head = layout.embed_key.removesuffix(".weight") if config.tie_word_embeddings else "lm_head"
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    else:
+        linear("lm_head", layout.lm_head_key.removesuffix(".weight"))
+    del head
+    for i in range(config.num_hidden_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"layers.{i}.{norm}.weight"] = dense(layout.layer_key(i, f"{norm}.weight"))
+        parts = [f"self_attn.{p}_proj" for p in "qkvo"]
+        if config.is_moe_layer(i):
+            state[f"layers.{i}.feed_forward.router.weight"] = dense(layout.layer_key(i, "feed_forward.router.weight"))
+            parts += [f"feed_forward.shared_expert.{p}_proj" for p in ("gate", "up", "down")]
+            _load_experts(checkpoint, model, state, i, groups, ignore, device, dtype, backend)
+        else:
+            parts += [f"feed_forward.{p}_proj" for p in ("gate", "up", "down")]
+        for part in parts:
+            linear(f"layers.{i}.{part}", layout.layer_key(i, part))
+    model.load_state_dict(state, assign=True, strict=False)
+    leftover = [name for name, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise CheckpointError(f"{checkpoint.directory}: no weights found for {leftover[0]}")
+    return model.eval().requires_grad_(False)
+
+
+def _load_experts(checkpoint: Checkpoint, model: Llama4ForCausalLM, state: dict[str, torch.Tensor], layer: int,
+                  groups: list[QuantGroup], ignore: tuple[str, ...], device: str | torch.device, dtype: torch.dtype,
+                  backend: Backend) -> None:
+    layout, experts = checkpoint.layout, checkpoint.config.num_local_experts
+    config_path = checkpoint.directory / "config.json"
+    names = {(e, p): layout.layer_key(layer, f"feed_forward.experts.{e}.{p}_proj")
+             for e in range(experts) for p in ("gate", "up", "down")}
+    chosen = {key: group_for(name, groups, ignore, config_path) for key, name in names.items()}
+    if all(group is None for group in chosen.values()):  # unquantized per-expert Linears: stack them
+        gate_up = [torch.cat([checkpoint.read(names[(e, "gate")] + ".weight"), checkpoint.read(names[(e, "up")] + ".weight")])
+                   for e in range(experts)]
+        prefix = f"layers.{layer}.feed_forward.experts."
+        state[prefix + "gate_up"] = torch.stack(gate_up).to(device=device, dtype=dtype)
+        state[prefix + "down"] = torch.stack([checkpoint.read(names[(e, "down")] + ".weight")
+                                              for e in range(experts)]).to(device=device, dtype=dtype)
+        return
+    if any(group is None for group in chosen.values()):
+        raise CheckpointError(f"{checkpoint.directory}: layer {layer}'s routed experts are only partly quantized")
+    gate_up, down = [], []
+    for e in range(experts):
+        fused = concat_rows([_packed(checkpoint, names[(e, p)], chosen[(e, p)]) for p in ("gate", "up")])  # type: ignore[arg-type]
+        gate_up.append(prepare(fused, backend, device))
+        down.append(prepare(_packed(checkpoint, names[(e, "down")], chosen[(e, "down")]), backend, device))  # type: ignore[arg-type]
+    _set_module(model, f"layers.{layer}.feed_forward.experts", QuantExperts(gate_up, down))
+    assert isinstance(model.get_submodule(f"layers.{layer}.feed_forward.experts"), QuantExperts | Experts)

@@ -1,0 +1,58 @@
+"""Every kernel backend against the reference (dequantize, then matmul), with stated tolerances.
+
+Tolerances are on the maximum absolute error relative to the largest reference output:
+  * cpu: PyTorch's packed kernels run in bf16 (activations and accumulation outputs), so
+    they match to bf16 precision: 2e-2 (a bf16 ulp is 2^-8 = 3.9e-3 relative; sums add a few).
+  * bnb: re-quantizes the weight in its own format (nf4 blocks of 64, LLM.int8), so it
+    matches only to within that format's error: 2e-1 for 4-bit, 3e-2 for 8-bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scoutq.kernels import Backend, prepare
+from scoutq.kernels.cpu import Int4CpuMatmul, Int8CpuMatmul
+from scoutq.quant.rtn import rtn_quantize
+from scoutq.quant.scheme import Scheme
+
+SCHEMES = [Scheme(8, None, True), Scheme(8, None, False), Scheme(4, 128, True), Scheme(4, 128, False),
+           Scheme(4, 64, True), Scheme(4, 32, False)]
+TOKENS = [1, 2, 4, 16, 64]
+TOLERANCE = {Backend.CPU: {4: 2e-2, 8: 2e-2}, Backend.BNB: {4: 2e-1, 8: 3e-2}}
+
+
+def weight(scheme: Scheme, out_features: int = 192, in_features: int = 512) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(scheme.bits * 1000 + (scheme.group_size or 0))
+    return (torch.randn(out_features, in_features, generator=generator) * 0.02).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", [Backend.CPU, Backend.BNB])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=Scheme.describe)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_backend_matches_reference(backend: Backend, scheme: Scheme, tokens: int, dtype: torch.dtype) -> None:
+    if backend == Backend.BNB:
+        pytest.importorskip("bitsandbytes")
+    packed = rtn_quantize(weight(scheme), scheme)
+    reference = prepare(packed, Backend.REFERENCE)
+    kernel = prepare(packed, backend)
+    x = torch.randn(tokens, packed.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    expected = reference(x.float()).float()
+    got = kernel(x)
+    assert got.dtype == dtype and got.shape == (tokens, packed.shape[0])
+    error = (got.float() - expected).abs().max().item() / expected.abs().max().item()
+    assert error <= TOLERANCE[backend][scheme.bits], f"{backend} {scheme.describe()}: relative error {error:.3g}"
+
+
+def test_cpu_backend_uses_packed_kernels_where_it_can() -> None:
+    assert isinstance(prepare(rtn_quantize(weight(Scheme(4, 128)), Scheme(4, 128)), Backend.CPU), Int4CpuMatmul)
+    assert isinstance(prepare(rtn_quantize(weight(Scheme(8, None)), Scheme(8, None)), Backend.CPU), Int8CpuMatmul)
+
+
+def test_reference_is_dequantize_then_matmul() -> None:
+    scheme = Scheme(4, 128, False)
+    packed = rtn_quantize(weight(scheme), scheme)
+    x = torch.randn(3, packed.shape[1])
+    assert torch.equal(prepare(packed, Backend.REFERENCE)(x), x @ packed.dequantize().float().t())
