@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from scoutq.checkpoint.reader import Checkpoint
-from scoutq.errors import CheckpointError, ConfigError
+from scoutq.errors import ConfigError
 from scoutq.model.llama4 import Llama4ForCausalLM
 
 
