@@ -17,7 +17,6 @@ from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import CheckpointError
 from scoutq.kernels import Backend, QuantMatmul, prepare
 from scoutq.model.llama4 import Llama4ForCausalLM
-from scoutq.model.moe import Experts
 from scoutq.quant.ct_schema import QuantGroup, group_for, parse_quantization_config
 from scoutq.quant.packed import SUFFIXES, PackedWeight
 
@@ -96,12 +95,10 @@ def load_quantized(checkpoint: Checkpoint, device: str | torch.device, dtype: to
 
     state["embed_tokens.weight"] = dense(layout.embed_key)
     state["norm.weight"] = dense(layout.norm_key)
-    head = layout.embed_key.removesuffix(".weight") if config.tie_word_embeddings else "lm_head"
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     else:
         linear("lm_head", layout.lm_head_key.removesuffix(".weight"))
-    del head
     for i in range(config.num_hidden_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             state[f"layers.{i}.{norm}.weight"] = dense(layout.layer_key(i, f"{norm}.weight"))
@@ -145,4 +142,3 @@ def _load_experts(checkpoint: Checkpoint, model: Llama4ForCausalLM, state: dict[
         gate_up.append(prepare(fused, backend, device))
         down.append(prepare(_packed(checkpoint, names[(e, "down")], chosen[(e, "down")]), backend, device))  # type: ignore[arg-type]
     _set_module(model, f"layers.{layer}.feed_forward.experts", QuantExperts(gate_up, down))
-    assert isinstance(model.get_submodule(f"layers.{layer}.feed_forward.experts"), QuantExperts | Experts)
