@@ -466,9 +466,12 @@ def test_sigkill_then_resume_gives_identical_output(
 # two shards. The subprocess therefore runs the unchanged CLI with StreamingWriter.write slowed
 # by 10 ms per tensor piece (a test-only wrapper, nothing in scoutq is changed), which stretches
 # the write phase to several seconds, so SIGINT lands after the first shard is renamed and
-# before the last one is.
+# before the last one is. A process started in the background by a non-interactive shell
+# inherits SIGINT as ignored (as CI runners may start us); the child restores the default
+# handler so the test measures scoutq's handling of Ctrl-C, not its parent's signal mask.
 SLOW_WRITER_MAIN = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from scoutq.checkpoint import safetensors_io
 _write = safetensors_io.StreamingWriter.write
 def slow_write(self, name, piece):
