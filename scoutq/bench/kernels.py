@@ -78,7 +78,7 @@ def kernel_rows(with_bnb: bool = True) -> list[Row]:
     }
     for scheme in (Scheme(8, None), Scheme(4, 128)):
         kernel = prepare(rtn_quantize(w, scheme), Backend.CPU)
-        variants[f"scoutq {scheme.describe()}"] = (kernel, torch.bfloat16, _packed_bytes(scheme, *w.shape))
+        variants[f"int{scheme.bits} " + ("g128" if scheme.group_size else "channel")] = (kernel, torch.bfloat16, _packed_bytes(scheme, *w.shape))
         if with_bnb:
             try:
                 bnb_kernel = prepare(rtn_quantize(w, scheme), Backend.BNB)
