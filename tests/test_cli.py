@@ -8,18 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from scoutq.cli.app import main
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from cli_helpers import run_cli as run
 
 
 @pytest.mark.parametrize("command", ["inspect", "fixture"])

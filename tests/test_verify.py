@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli as run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -27,17 +28,6 @@ RECIPES = ["w4a16-g128", "w4a16-g128-asym", "w8a16", "mixed"]
 MANIFEST = "scoutq-manifest.json"
 EXPERT = MULTIMODAL.layer_key(1, "feed_forward.experts.2.down_proj")
 SHARED = MULTIMODAL.layer_key(0, "feed_forward.shared_expert.up_proj")
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
