@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 # The main job on the built-in default: the trained tiny Llama 4, quantized to int4, verified.
 demo: install
 	$(BIN)/scoutq fixture $(CACHE)/tiny-trained --preset tiny-trained --reuse
-	$(BIN)/scoutq quantize $(CACHE)/tiny-trained --recipe w4a16-g128 --out $(CACHE)/demo/tiny-trained-w4a16-g128
+	$(BIN)/scoutq quantize $(CACHE)/tiny-trained --recipe w4a16-g128 --out $(CACHE)/demo/tiny-trained-w4a16-g128 --overwrite
 	$(BIN)/scoutq verify $(CACHE)/demo/tiny-trained-w4a16-g128
 	$(BIN)/scoutq inspect $(CACHE)/demo/tiny-trained-w4a16-g128
 
