@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    MofNCompleteColumn,
     DownloadColumn,
     Progress,
     TextColumn,
@@ -49,6 +50,18 @@ def byte_progress(description: str) -> Progress:
         TimeRemainingColumn(),
         console=error_console,
         transient=False,
+    )
+
+
+def step_progress(description: str) -> Progress:
+    """A progress bar over steps with the current loss and an ETA (stderr)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+        console=error_console,
     )
 
 

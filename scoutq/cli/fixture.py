@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from scoutq.cli._output import byte_progress, console, human_bytes, result_json
+from scoutq.cli._output import byte_progress, console, human_bytes, result_json, step_progress
 from scoutq.errors import ScoutqError
 from scoutq.fixtures import STAMP_NAME, Preset, fixture_identity, read_stamp
 
@@ -64,7 +64,13 @@ def fixture(
     else:
         from scoutq.fixtures.trained import build_tiny_trained
 
-        report = build_tiny_trained(out, seed=seed, texts=text, overwrite=overwrite)
+        with step_progress("training tiny-trained") as progress:
+            task = progress.add_task("training tiny-trained", total=None, loss=float("nan"))
+
+            def show(step: int, total: int, loss: float) -> None:
+                progress.update(task, completed=step, total=total, loss=loss)
+
+            report = build_tiny_trained(out, seed=seed, texts=text, overwrite=overwrite, on_step=show)
 
     stamp = {**identity, **report}
     (out / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
