@@ -11,9 +11,9 @@ import pytest
 from cli_helpers import run_cli as run
 
 
-@pytest.mark.parametrize("command", ["inspect", "fixture"])
+@pytest.mark.parametrize("command", ["inspect", "fixture", "quantize", "verify", "run", "bench kernels", "bench moe"])
 def test_help_has_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run([command, "--help"], capsys)
+    code, out, _ = run([*command.split(), "--help"], capsys)
     assert code == 0 and "Examples" in out and f"scoutq {command}" in out
 
 
