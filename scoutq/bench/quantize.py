@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 
-
 def plain_read(files: list[Path]) -> tuple[int, float]:
     buffer = bytearray(64 * 1024 * 1024)
     view = memoryview(buffer)

@@ -49,7 +49,17 @@ def _resolve_shard(directory: Path, name: object) -> Path:
     return directory / candidate
 
 
-def _read_index(directory: Path) -> dict[str, str]:
+def require_directory(path: str | Path, what: str = "a checkpoint directory") -> Path:
+    directory = Path(path)
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: no such directory")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected {what})")
+    return directory
+
+
+def read_index(directory: Path) -> dict[str, Any]:
+    """model.safetensors.index.json, checked to be JSON with a non-empty weight_map."""
     path = directory / INDEX_NAME
     try:
         index = json.loads(path.read_text())
@@ -58,7 +68,7 @@ def _read_index(directory: Path) -> dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{path}: missing or empty weight_map")
-    return weight_map
+    return index
 
 
 @dataclass
@@ -76,16 +86,12 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
-        directory = Path(path)
-        if not directory.exists():
-            raise CheckpointError(f"{directory}: no such directory")
-        if not directory.is_dir():
-            raise CheckpointError(f"{directory}: not a directory (expected a checkpoint directory)")
+        directory = require_directory(path)
         config_json = read_config_json(directory)
         config = parse_text_config(config_json)
 
         if (directory / INDEX_NAME).is_file():
-            weight_map = _read_index(directory)
+            weight_map = read_index(directory)["weight_map"]
             files = {name: _resolve_shard(directory, file) for name, file in weight_map.items()}
         elif (directory / SINGLE_NAME).is_file():
             files = None
@@ -195,6 +201,7 @@ class Checkpoint:
         return stored.t().contiguous()
 
     def dtype(self, name: str) -> torch.dtype:
+        """The torch dtype a tensor is stored in (from its header)."""
         return DTYPES[self.info(name).dtype]
 
     def close(self) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 from scoutq.checkpoint.layout import ROUTED_EXPERT_ROLES, Role
 from scoutq.checkpoint.reader import Checkpoint
 
-
 PACKED_SUFFIXES = frozenset({"weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"})
 
 

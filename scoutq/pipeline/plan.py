@@ -12,6 +12,7 @@ compressed-tensors checkpoints, and silently leave fused 3-D experts uninitialis
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -69,7 +70,7 @@ class PlannedModule:
 
     @property
     def bytes_in(self) -> int:
-        return _numel(self.module.shape) * ITEM_SIZE[self.module.source_dtype]
+        return math.prod(self.module.shape) * ITEM_SIZE[self.module.source_dtype]
 
 
 @dataclass
@@ -85,15 +86,6 @@ class QuantPlan:
     def quantized(self) -> list[PlannedModule]:
         return [item for item in self.items if item.scheme is not None]
 
-    def unquantized_linears(self) -> list[Module]:
-        return [item.module for item in self.items if item.scheme is None and item.module.linear]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def enumerate_modules(checkpoint: Checkpoint) -> list[Module]:

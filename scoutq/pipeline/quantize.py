@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,8 +46,8 @@ from scoutq.checkpoint.writer import atomic_write_json, plan_shards, shard_name
 from scoutq.errors import ScoutqError
 from scoutq.pipeline.ct_config import quantization_config
 from scoutq.pipeline.plan import PlannedModule, QuantPlan
-from scoutq.quant.packed import PackedWeight
 from scoutq.quant import rtn
+from scoutq.quant.packed import PackedWeight
 from scoutq.quant.rtn import rtn_quantize, rtn_quantize_input_major
 
 JOURNAL_NAME = ".scoutq-journal.json"
@@ -220,8 +221,6 @@ def run_identity(checkpoint: Checkpoint, plan: QuantPlan, max_shard_bytes: int) 
 
 
 def _identity_hash(identity: dict[str, Any]) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -296,8 +295,9 @@ def quantize_checkpoint(
     atomic_write_json(dst / JOURNAL_NAME, journal)
 
     shard_of = {spec.name: index for index, shard in enumerate(shards) for spec in shard}
-    todo = [unit for unit in work_units(plan) if any(names[shard_of[o]] not in kept for o in unit.outputs)]
-    skipped = sum(unit.bytes_in for unit in work_units(plan)) - sum(unit.bytes_in for unit in todo)
+    units = work_units(plan)
+    todo = [unit for unit in units if any(names[shard_of[o]] not in kept for o in unit.outputs)]
+    skipped = sum(unit.bytes_in for unit in units) - sum(unit.bytes_in for unit in todo)
     if on_progress and skipped:
         on_progress(skipped)
 

@@ -66,15 +66,23 @@ def _scheme(path: Path, group: str, weights: Any) -> Scheme:
         raise ConfigError(f"{where}: {bad}") from None
 
 
+def pattern_error(target: str) -> str | None:
+    """Why a `re:` target does not compile (None when it does, or is not a pattern)."""
+    if not target.startswith("re:"):
+        return None
+    try:
+        re.compile(target[3:])
+    except re.error as bad:
+        return str(bad)
+    return None
+
+
 def _targets(path: Path, where: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
         raise ConfigError(f"{path}: quantization_config.{where} must be a list of strings")
     for target in value:
-        if target.startswith("re:"):
-            try:
-                re.compile(target[3:])
-            except re.error as bad:
-                raise ConfigError(f"{path}: quantization_config.{where}: invalid pattern {target!r} ({bad})") from None
+        if (bad := pattern_error(target)) is not None:
+            raise ConfigError(f"{path}: quantization_config.{where}: invalid pattern {target!r} ({bad})")
     return tuple(value)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scoutq.errors import ScoutqError
+from scoutq.quant.ct_schema import pattern_error
 from scoutq.quant.scheme import Scheme
 
 
@@ -73,12 +73,9 @@ class Rule(BaseModel):
     @classmethod
     def _targets_are_known(cls, targets: list[str]) -> list[str]:
         for target in targets:
-            if target.startswith("re:"):
-                try:
-                    re.compile(target[3:])
-                except re.error as err:
-                    raise ValueError(f"target {target!r} is not a valid regular expression ({err})") from None
-            elif "." not in target and target not in RoleGroup.__members__.values():
+            if (bad := pattern_error(target)) is not None:
+                raise ValueError(f"target {target!r} is not a valid regular expression ({bad})")
+            if not target.startswith("re:") and "." not in target and target not in RoleGroup.__members__.values():
                 groups = ", ".join(g.value for g in RoleGroup if g not in FORBIDDEN_GROUPS)
                 raise ValueError(f"unknown target {target!r}; use a role group ({groups}), a module name or 're:<regex>'")
         return targets
