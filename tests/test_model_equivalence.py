@@ -8,8 +8,8 @@ equal within 1e-4 max abs. Run this file as a script to print the variant table.
 from __future__ import annotations
 
 import json
-import zlib
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
