@@ -1,11 +1,13 @@
 """Quantization recipes: YAML files validated into ordered rules.
 
-    name: w4a16-g128
-    method: rtn
+    name: w4a16-g128-gptq
+    method: gptq                # rtn (data-free), gptq or clip (calibrated)
     rules:                      # first matching rule wins
       - targets: [routed_experts, shared_expert]
         weights: {bits: 4, group_size: 128, symmetric: true}
     ignore: ["re:.*layers\\.0\\..*"]   # modules kept in source precision
+    calibration: {dataset: builtin, samples: 128, seq_len: 256, min_tokens: 32, fallback: all_experts}
+    gptq: {damp: 0.01, act_order: true}
 
 A target is a role group (below), an exact module name, or `re:` + a regular expression
 matched against module names (the checkpoint key without `.weight`; routed experts are named
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scoutq.errors import ScoutqError
 from scoutq.quant.ct_schema import pattern_error
@@ -49,7 +51,52 @@ FORBIDDEN_GROUPS = frozenset({RoleGroup.ROUTER, RoleGroup.NORMS, RoleGroup.EMBED
 
 
 class Method(StrEnum):
-    RTN = "rtn"
+    RTN = "rtn"  # round-to-nearest, data-free
+    GPTQ = "gptq"  # Hessian-based error compensation (gptq.py)
+    CLIP = "clip"  # activation-weighted scale search (clip.py)
+
+
+class Fallback(StrEnum):
+    """What an expert routed fewer than `min_tokens` calibration tokens gets."""
+
+    RTN = "rtn"  # round-to-nearest, no statistics
+    ALL_EXPERTS = "all_experts"  # statistics from every token's score-scaled input
+
+
+class GptqSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    damp: Annotated[float, Field(ge=0, le=1)] = 0.01
+    block_size: Annotated[int, Field(gt=0)] = 128
+    act_order: bool = False
+    mse_scales: bool = False
+
+
+class ClipSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    grid: Annotated[int, Field(ge=2, le=200)] = 20
+    min_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.5
+
+
+class Calibration(BaseModel):
+    """Where the calibration data comes from and how experts are covered.
+
+    dataset: a calibration set (calibration/*.yaml name or path, or a .txt/.jsonl/.parquet
+    file). samples, seq_len and seed default to the set's own. all_experts: every expert's
+    statistics see every token (scaled by its own router score), while only routed outputs
+    propagate. min_tokens: experts routed fewer tokens than this get `fallback` instead.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = "builtin"
+    samples: Annotated[int, Field(gt=0)] | None = None
+    seq_len: Annotated[int, Field(gt=1)] | None = None
+    seed: int | None = None
+    all_experts: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 32
+    fallback: Fallback = Fallback.ALL_EXPERTS
 
 
 class WeightScheme(BaseModel):
@@ -89,6 +136,25 @@ class Recipe(BaseModel):
     method: Method = Method.RTN
     rules: list[Rule] = Field(min_length=1)
     ignore: list[str] = Field(default_factory=list)
+    calibration: Calibration | None = None
+    gptq: GptqSettings | None = None
+    clip: ClipSettings | None = None
+
+    @model_validator(mode="after")
+    def _method_settings_agree(self) -> Recipe:
+        if self.method == Method.RTN and self.calibration is not None:
+            raise ValueError("method rtn uses no calibration data; remove the calibration section or choose gptq or clip")
+        if self.method != Method.RTN and self.calibration is None:
+            # The default calibration block (builtin set) makes a bare `method: gptq` work offline.
+            object.__setattr__(self, "calibration", Calibration())
+        for method, settings in ((Method.GPTQ, self.gptq), (Method.CLIP, self.clip)):
+            if settings is not None and self.method != method:
+                raise ValueError(f"a {method.value} section needs method: {method.value} (method is {self.method.value})")
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != Method.RTN
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -74,7 +74,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    rows, words = packed.shape
+    rows = packed.shape[0]
     per_word = 32 // bits
     q = torch.empty(rows, cols, dtype=torch.int8)
     for row in range(rows):
@@ -83,3 +83,66 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
             unsigned = (word >> (bits * (col % per_word))) & ((1 << bits) - 1)
             q[row, col] = unsigned - (1 << (bits - 1))
     return q
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, damp: float
+         ) -> torch.Tensor:
+    """GPTQ as optimal brain quantization states it, in float64, one column at a time: round
+    column j, spread its error over the later columns with the inverse Hessian, then remove j
+    from the inverse (a Schur complement) instead of using a Cholesky factor or blocks.
+    Group scales are taken from the weights as updated when the group's first column is
+    reached. Returns q int8 [out, in]; scales come from `qparams` on the same values."""
+    out_features, in_features = w.shape
+    size = scheme.group_size or in_features
+    h = hessian.double().clone()
+    for j in range(in_features):
+        if h[j, j] == 0:
+            h[j, j] = 1.0
+    h += damp * float(h.diagonal().mean()) * torch.eye(in_features, dtype=torch.float64)
+    inverse = torch.linalg.inv(h)
+    weights = w.double().clone()
+    q = torch.empty(out_features, in_features, dtype=torch.int8)
+    scale = zero = None
+    for j in range(in_features):
+        if j % size == 0:
+            group_scheme = Scheme(scheme.bits, None, scheme.symmetric)
+            scale, zero = qparams(weights[:, j : j + size].float(), group_scheme, scale_dtype)
+        assert scale is not None
+        column = quantize(weights[:, j : j + 1].float(), scale, zero, Scheme(scheme.bits, None, scheme.symmetric))
+        q[:, j] = column[:, 0]
+        shifted = column[:, 0].to(scale_dtype) - (0 if zero is None else zero[:, 0].to(scale_dtype))
+        dequantized = (shifted * scale[:, 0]).double()
+        error = (weights[:, j] - dequantized) / inverse[j, j]
+        weights[:, j:] -= error[:, None] * inverse[j, j:][None, :]
+        inverse -= inverse[:, j : j + 1] @ inverse[j : j + 1, :] / inverse[j, j]
+    return q
+
+
+def clip_qparams(w: torch.Tensor, importance: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
+                 ratios: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Activation-weighted clipping, one row and group at a time: for each ratio, qparams of the
+    shrunk values (shrinking each value shrinks the range by the same ratio), error summed in
+    float64; the first ratio with the smallest error wins."""
+    out_features, in_features = w.shape
+    size = scheme.group_size or in_features
+    groups = in_features // size
+    one = Scheme(scheme.bits, None, scheme.symmetric)
+    scale = torch.empty(out_features, groups, dtype=scale_dtype)
+    zero = None if scheme.symmetric else torch.empty(out_features, groups, dtype=torch.int8)
+    for row in range(out_features):
+        for g in range(groups):
+            values = w[row : row + 1, g * size : (g + 1) * size].float()
+            weight = importance[g * size : (g + 1) * size].double()
+            best = None
+            for ratio in ratios:
+                s, z = qparams(values * ratio, one, scale_dtype)
+                q = quantize(values, s, z, one)
+                shifted = q.to(scale_dtype) - (0 if z is None else z.to(scale_dtype))
+                error = float(((values.double() - (shifted * s).double()) ** 2 * weight).sum())
+                if best is None or error < best[0]:
+                    best = (error, s, z)
+            assert best is not None
+            scale[row, g] = best[1][0, 0]
+            if zero is not None and best[2] is not None:
+                zero[row, g] = best[2][0, 0]
+    return scale, zero

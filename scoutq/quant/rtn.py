@@ -32,7 +32,7 @@ from scoutq.quant.scheme import Scheme
 BLOCK_ELEMENTS = 1 << 23  # values per block: 32 MB as fp32
 
 
-def _scale_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+def qparams_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """compute_qparams' arithmetic, from group minima and maxima (fp32)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -61,7 +61,7 @@ def _rows_block(block: torch.Tensor, bits: int, group: int, symmetric: bool, sca
     rows, cols = block.shape
     grouped = block.float().view(rows, cols // group, group)
     low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-    scale, zero = _scale_from_range(low, high, bits, symmetric, scale_dtype)
+    scale, zero = qparams_from_range(low, high, bits, symmetric, scale_dtype)
     unsigned = _unsigned(grouped, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits)
     unsigned = unsigned.view(rows, cols)
     if bits == 4:
@@ -77,7 +77,7 @@ def _columns_block(block: torch.Tensor, bits: int, group: int, symmetric: bool, 
     rows, cols = block.shape
     grouped = block.float().view(rows // group, group, cols)
     low, high = grouped.amin(dim=1), grouped.amax(dim=1)
-    scale, zero = _scale_from_range(low, high, bits, symmetric, scale_dtype)
+    scale, zero = qparams_from_range(low, high, bits, symmetric, scale_dtype)
     unsigned = _unsigned(grouped, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), bits)
     return _pack_columns(unsigned.view(rows, cols), bits), scale, zero
 
@@ -175,7 +175,7 @@ def rtn_quantize_input_major(w_t: torch.Tensor, scheme: Scheme, scale_dtype: tor
             block = w_t[start : start + step].float()
             low = torch.minimum(low, block.amin(dim=0))
             high = torch.maximum(high, block.amax(dim=0))
-        scale, zero = _scale_from_range(low, high, scheme.bits, scheme.symmetric, scale_dtype)
+        scale, zero = qparams_from_range(low, high, scheme.bits, scheme.symmetric, scale_dtype)
         _check(scale, what)
         kernel = _kernel("fixed")
         for start in range(0, in_features, step):

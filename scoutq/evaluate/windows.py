@@ -1,0 +1,75 @@
+"""Evaluation text as token windows, encoded with the checkpoint's own tokenizer.
+
+The builtin corpus's `evaluation` split shares no topic with the text the tiny-trained
+fixture was trained or calibrated on (scoutq.fixtures.corpus), so its perplexity is held out.
+Windows are cut exactly as the fixture's own evaluation cuts them (fixtures/trained.py): one
+stream of all documents, each opened by BOS, split into non-overlapping windows with the
+trailing partial window dropped. Equal-length windows need no padding, and "first N windows"
+is the same text for every model compared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from scoutq.errors import ScoutqError
+from scoutq.fixtures.corpus import builtin_corpus
+
+
+def load_tokenizer(tokenizer_dir: Path) -> Tokenizer:
+    """The `tokenizer.json` of a checkpoint directory, as a `tokenizers` Tokenizer."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise ScoutqError(f"{path}: missing; evaluation encodes text with the checkpoint's tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as bad:  # noqa: BLE001 - tokenizers raises a plain Exception for a bad file
+        raise ScoutqError(f"{path}: cannot be read by the tokenizers library ({bad})") from None
+
+
+def encode_stream(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
+    """All documents as one 1-D int64 stream.
+
+    Each document starts with whatever the tokenizer's post-processor adds (BOS for Llama 4's
+    and the fixtures' tokenizers), which marks where one document ends and the next begins.
+    """
+    ids = [token for encoding in tokenizer.encode_batch(documents) for token in encoding.ids]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def evaluation_windows(
+    tokenizer_dir: Path, seq_len: int, samples: int | None, texts: list[str] | None = None
+) -> torch.Tensor:
+    """Non-overlapping token windows of the evaluation text.
+
+    Args:
+        tokenizer_dir: directory holding tokenizer.json (the checkpoint directory).
+        seq_len: tokens per window; tokens 1..seq_len-1 of each are scored, so at least 2.
+        samples: how many windows to keep, from the start of the stream; None keeps all. Fewer
+            are returned when the text has fewer.
+        texts: documents to use instead of the builtin corpus's evaluation split.
+
+    Returns:
+        [W, seq_len] int64 token ids.
+    """
+    if seq_len < 2:
+        raise ScoutqError(f"sequence length must be at least 2 (one token of context, one scored), got {seq_len}")
+    if samples is not None and samples < 1:
+        raise ScoutqError(f"samples must be at least 1, got {samples}")
+    if texts is None:
+        documents, source = builtin_corpus().evaluation, "the builtin corpus's evaluation split"
+    else:
+        documents, source = texts, "the given evaluation text"
+    stream = encode_stream(load_tokenizer(tokenizer_dir), documents)
+    count = stream.numel() // seq_len
+    if count == 0:
+        raise ScoutqError(
+            f"{source} has {stream.numel()} tokens, fewer than one window of {seq_len} (give more text or a "
+            "shorter sequence length)"
+        )
+    if samples is not None:
+        count = min(count, samples)
+    return stream[: count * seq_len].view(count, seq_len).clone()  # clone: do not keep the whole stream alive

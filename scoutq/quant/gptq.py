@@ -1,0 +1,164 @@
+"""GPTQ: quantize one column at a time and push each column's error onto the columns not yet
+quantized, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+
+For a Linear with weight W [out, in] and calibration inputs X [N, in], the output error of a
+quantized Q is ||X W^T - X Q^T||^2 = tr((W - Q) H (W - Q)^T) with H = X^T X. Rows are
+independent; within a row, after column j is rounded, the remaining columns are re-solved so
+that the error from j is compensated by the ones that follow. With U the upper Cholesky factor
+of H^-1, that update is
+
+    err_j = (w_j - dq_j) / U[j, j];   w_{j+1:} -= err_j * U[j, j+1:]
+
+Blocked (Frantar et al. §3 "lazy batch updates"): the rank-one updates stay inside a block of
+`block_size` columns, and the block's accumulated error reaches the rest of the matrix in one
+matmul. Options:
+
+* damp: `damp * mean(diag H)` is added to the diagonal, which keeps the Cholesky factorisation
+  well conditioned when inputs are few or collinear (rare experts).
+* act_order: columns are processed in decreasing order of H's diagonal (the most active
+  inputs first). Group scales are then fixed up front from the original weights ("static
+  groups"), so each stored group still covers consecutive input columns: the stored format
+  is plain pack-quantized, with no g_idx permutation for runtimes to honour.
+* mse_scales: group scales from the activation-weighted clipping search (clip.py) instead of
+  each group's full range.
+
+Without act_order, a group's scale is taken when its first column is reached, from the weights
+as updated so far (the usual GPTQ). Arithmetic is fp32; the quantize and dequantize steps are
+primitives.py's, so the stored tensors dequantize to exactly the values the updates assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scoutq.errors import ScoutqError
+from scoutq.quant import primitives
+from scoutq.quant.clip import search_qparams
+from scoutq.quant.packed import PackedWeight
+from scoutq.quant.scheme import Scheme
+
+
+@dataclass(frozen=True)
+class GptqOptions:
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    mse_scales: bool = False
+
+
+def prepare_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """H with never-seen inputs given a unit diagonal (their weights are then rounded alone,
+    with nothing to compensate), plus the dampening term; fp32 copy."""
+    h = hessian.float().clone()
+    diagonal = h.diagonal()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    diagonal += damp * diagonal.mean()
+    return h
+
+
+def inverse_cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1; dampening is raised tenfold (up to 3 times) if H is not
+    positive definite in fp32."""
+    extra = 0.0
+    for _ in range(4):
+        damped = h if extra == 0 else h + extra * h.diagonal().mean() * torch.eye(h.shape[0])
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+        extra = 0.01 if extra == 0 else extra * 10
+    raise ScoutqError(f"{what}: the calibration Hessian is not positive definite even with dampening 10")
+
+
+def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One input column of every row: (q int8 [out], dequantized fp32 [out]), as stored."""
+    scaled = w / scale.float()
+    if zero is not None:
+        scaled = scaled + zero.float()
+    q = torch.round(scaled).clamp_(scheme.qmin, scheme.qmax)
+    shifted = q.to(scale.dtype) if zero is None else q.to(scale.dtype) - zero.to(scale.dtype)
+    return q.to(torch.int8), (shifted * scale).float()
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    scale_dtype: torch.dtype | None = None,
+    options: GptqOptions = GptqOptions(),
+    what: str = "weight",
+) -> PackedWeight:
+    """Quantize an nn.Linear weight [out, in] given H = X^T X [in, in] of its inputs.
+
+    Args:
+        w: weight [out, in], any float dtype.
+        hessian: X^T X summed over the calibration tokens (any positive scale; only ratios matter).
+        scheme: bits, group size, symmetry of the stored weight.
+        scale_dtype: dtype of the stored scales (default: w's dtype).
+        options: dampening, block size, activation order, scale search.
+        what: names the tensor in errors.
+    """
+    scale_dtype = scale_dtype or w.dtype
+    out_features, in_features = w.shape
+    group = scheme.group_size or in_features
+    if in_features % group:
+        raise ValueError(f"in_features {in_features} is not a multiple of group_size {group}")
+    h = prepare_hessian(hessian, options.damp)
+    importance = h.diagonal().clone()
+
+    # Static scales (all groups fixed before any update): per-channel, or act_order.
+    static = options.act_order or scheme.group_size is None
+    scales = torch.empty(out_features, in_features // group, dtype=scale_dtype)
+    zeros = None if scheme.symmetric else torch.empty(out_features, in_features // group, dtype=torch.int8)
+    if static:
+        if options.mse_scales:
+            scales[:], found = search_qparams(w, importance, scheme, scale_dtype)
+        else:
+            scales[:], found = primitives.compute_qparams(w, scheme, scale_dtype)
+        if zeros is not None:
+            zeros[:] = found
+
+    order = torch.argsort(importance, descending=True, stable=True) if options.act_order else torch.arange(in_features)
+    weights = w.float().t()[order].contiguous()  # [in, out]: one column of W is one contiguous row
+    u = inverse_cholesky(h[order][:, order], what)
+    q_columns = torch.empty(in_features, out_features, dtype=torch.int8)
+    # Without static scales, blocks hold whole groups, so a group's scale is taken inside one block.
+    block = options.block_size if static else max(group, options.block_size // group * group)
+
+    for start in range(0, in_features, block):
+        end = min(start + block, in_features)
+        current = weights[start:end].clone()  # updated in place as columns are quantized
+        errors = torch.empty_like(current)
+        u_block = u[start:end, start:end]
+        for i in range(end - start):
+            column = int(order[start + i])
+            g = column // group
+            if not static and column % group == 0:
+                values = current[i : i + group].t()  # [out, group], as updated so far
+                if options.mse_scales:
+                    scale, zero = search_qparams(values, importance[column : column + group],
+                                                 Scheme(scheme.bits, None, scheme.symmetric), scale_dtype)
+                else:
+                    scale, zero = primitives.compute_qparams(values, Scheme(scheme.bits, None, scheme.symmetric),
+                                                             scale_dtype)
+                scales[:, g] = scale[:, 0]
+                if zeros is not None and zero is not None:
+                    zeros[:, g] = zero[:, 0]
+            q, dq = _quantize_column(current[i], scales[:, g], None if zeros is None else zeros[:, g], scheme)
+            q_columns[start + i] = q
+            err = (current[i] - dq) / u_block[i, i]
+            current[i + 1 :].addr_(u_block[i, i + 1 :], err, alpha=-1.0)
+            errors[i] = err
+        weights[end:].addmm_(u[start:end, end:].t(), errors, alpha=-1.0)
+
+    if not bool(torch.isfinite(scales.float()).all()):
+        raise ScoutqError(f"{what} contains NaN or Inf; refusing to quantize it")
+    q = torch.empty_like(q_columns)
+    q[order] = q_columns
+    return PackedWeight.from_quantized(q.t().contiguous(), scales, zeros, scheme)
