@@ -7,27 +7,44 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch
+# TORCH_INDEX, when set, is the index torch comes from (https://download.pytorch.org/whl/cpu
+# gives the CPU wheel on a machine that would otherwise download a CUDA build).
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 CACHE ?= .cache/scoutq
 STAMP := $(VENV)/.scoutq-installed
 
-.PHONY: install demo test test-slow fixtures bench-fixture bench-quantize clean
+.PHONY: install demo release test test-slow fixtures bench-fixture bench-quantize bench-calibrate bench-eval clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The main job on the built-in default: the trained tiny Llama 4, quantized to int4, verified.
+# The main job on the built-in default: the trained tiny Llama 4 (built once, cached), quantized
+# to int4 by round-to-nearest and by GPTQ, each evaluated against the bf16 model.
+DEMO := $(CACHE)/demo
 demo: install
 	$(BIN)/scoutq fixture $(CACHE)/tiny-trained --preset tiny-trained --reuse
-	$(BIN)/scoutq quantize $(CACHE)/tiny-trained --recipe w4a16-g128 --out $(CACHE)/demo/tiny-trained-w4a16-g128 --overwrite
-	$(BIN)/scoutq verify $(CACHE)/demo/tiny-trained-w4a16-g128
-	$(BIN)/scoutq inspect $(CACHE)/demo/tiny-trained-w4a16-g128
+	$(BIN)/scoutq quantize $(CACHE)/tiny-trained --recipe w4a16-g128 --out $(DEMO)/tiny-trained-w4a16-g128 --overwrite
+	$(BIN)/scoutq quantize $(CACHE)/tiny-trained --recipe w4a16-g128-gptq --out $(DEMO)/tiny-trained-w4a16-g128-gptq --overwrite
+	$(BIN)/scoutq eval $(DEMO)/tiny-trained-w4a16-g128 --reference $(CACHE)/tiny-trained --latency \
+		--json $(DEMO)/w4a16-g128.eval.json --markdown $(DEMO)/w4a16-g128.eval.md --plots $(DEMO)/plots-w4a16-g128
+	$(BIN)/scoutq eval $(DEMO)/tiny-trained-w4a16-g128-gptq --reference $(CACHE)/tiny-trained --latency \
+		--json $(DEMO)/w4a16-g128-gptq.eval.json --markdown $(DEMO)/w4a16-g128-gptq.eval.md --plots $(DEMO)/plots-w4a16-g128-gptq
+
+# Release artifacts: each recipe's checkpoint, manifest, eval report (JSON + Markdown) and one
+# SHA256SUMS, in $(DIST). SRC defaults to the tiny-trained fixture.
+SRC ?= $(CACHE)/tiny-trained
+RECIPES ?= w4a16-g128 w4a16-g128-gptq
+DIST ?= dist
+release: install
+	$(if $(filter $(CACHE)/tiny-trained,$(SRC)),$(BIN)/scoutq fixture $(SRC) --preset tiny-trained --reuse)
+	$(BIN)/python -m scoutq.release --src "$(SRC)" --recipes "$(RECIPES)" --dist "$(DIST)"
 
 # The trained fixture the test suite and later demos use (a few minutes, cached).
 fixtures: install
@@ -54,3 +71,14 @@ bench-fixture: install
 # files) and peak RSS, for 1 and 3 real-Scout-shape layers. Needs ~40 GB of disk.
 bench-quantize: install
 	$(BIN)/python -m scoutq.bench.quantize --layers 1 --layers 3 --dir $(BENCH_DIR)
+
+# The calibrated layer walk (GPTQ, 32 sequences of 512 tokens) on 2 real-Scout-shape layers:
+# wall time and peak RSS against its budget (hidden states + one layer + one expert and its
+# statistics; target at most 8 GB). Needs ~20 GB of disk.
+bench-calibrate: install
+	$(BIN)/python -m scoutq.bench.calibrate --layers 2 --samples 32 --seq-len 512 --dir $(BENCH_DIR)
+
+# The layer-walked eval (a w4a16-g128 quantization against its bf16 source, both walked one
+# layer at a time) on 3 real-Scout-shape layers: time and peak RSS (target at most 6 GB).
+bench-eval: install
+	$(BIN)/python -m scoutq.bench.evaluate --layers 3 --samples 8 --seq-len 512 --dir $(BENCH_DIR)

@@ -124,7 +124,7 @@ def test_unsupported_bits_and_group_sizes_are_rejected(weights: str, complaint: 
     [
         (one_rule("routed_expert"), "unknown target 'routed_expert'"),
         (one_rule("'re:.*experts[.'"), "not a valid regular expression"),
-        ("name: test\nmethod: gptq\nrules:\n  - targets: [routed_experts]\n    " + EXPERTS_W4 + "\n", "method"),
+        ("name: test\nmethod: awq\nrules:\n  - targets: [routed_experts]\n    " + EXPERTS_W4 + "\n", "method"),
         ("name: test\nmethod: rtn\nrules: []\n", "rules"),
         ("- just\n- a list\n", "YAML mapping"),
         ("name: [unclosed\n", "cannot read recipe"),

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scoutq.calibrate.weights import DenseWeights
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.checkpoint.rows import read_rows
 from scoutq.errors import ScoutqError
@@ -39,7 +40,7 @@ from scoutq.model.llama4 import Attention, rms_normalize, rope_angles
 from scoutq.model.moe import route
 from scoutq.pipeline.plan import PlannedModule, QuantPlan
 from scoutq.quant.clip import ClipOptions, clip_quantize
-from scoutq.quant.gptq import GptqOptions, gptq_quantize
+from scoutq.quant.gptq import Factorized, GptqOptions, factorize, gptq_quantize
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.recipe import Fallback, Method, Recipe
 from scoutq.quant.rtn import rtn_quantize
@@ -86,6 +87,13 @@ class InputStatistics:
     def __init__(self, features: int):
         self.hessian = torch.zeros(features, features)
         self.tokens = 0
+        self._factorized: Factorized | None = None
+
+    def factorized(self, options: GptqOptions, what: str) -> Factorized:
+        """GPTQ's factorisation of this Hessian, computed once for all modules sharing the input."""
+        if self._factorized is None:
+            self._factorized = factorize(self.hessian, options, what)
+        return self._factorized
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -115,25 +123,32 @@ class LayerResult:
     quantized: dict[str, PackedWeight] = field(default_factory=dict)
     experts: list[ExpertCoverage] = field(default_factory=list)
     tokens: int = 0
+    routing: torch.Tensor | None = None  # [tokens, k] experts each token was routed to (MoE layers)
 
 
 class LayerWalk:
     """Runs and quantizes one layer at a time; see the module docstring."""
 
     def __init__(
-        self, checkpoint: Checkpoint, plan: QuantPlan, settings: WalkSettings, on_progress: ProgressFn | None = None
+        self, checkpoint: Checkpoint, plan: QuantPlan | None, settings: WalkSettings,
+        on_progress: ProgressFn | None = None
     ):
+        """plan None: quantize nothing, only run the layers (the layer-walked evaluation)."""
         self.checkpoint = checkpoint
+        self.weights = DenseWeights(checkpoint)
         self.config = checkpoint.config
         self.layout = checkpoint.layout
         self.settings = settings
-        self.items: dict[str, PlannedModule] = {item.module.name: item for item in plan.items}
+        self.items: dict[str, PlannedModule] = {item.module.name: item for item in plan.items} if plan else {}
         self.on_progress = on_progress or (lambda _what, _done, _total: None)
 
     # -- reading -------------------------------------------------------------------------------
 
     def _weight(self, key: str) -> torch.Tensor:
-        return self.checkpoint.read(key).float()
+        return self.weights.tensor(key)
+
+    def _linear(self, module: str) -> torch.Tensor:
+        return self.weights.linear(module)
 
     def _scheme(self, name: str) -> Scheme | None:
         item = self.items.get(name)
@@ -167,7 +182,8 @@ class LayerWalk:
         if stats is None or stats.tokens == 0:
             packed = rtn_quantize(source, scheme, what=what)
         elif self.settings.method == Method.GPTQ:
-            packed = gptq_quantize(source, stats.hessian, scheme, options=self.settings.gptq, what=what)
+            factors = stats.factorized(self.settings.gptq, what)
+            packed = gptq_quantize(source, factors, scheme, options=self.settings.gptq, what=what)
         else:
             importance = stats.hessian.diagonal() / stats.tokens
             packed = clip_quantize(source, importance, scheme, options=self.settings.clip)
@@ -199,7 +215,7 @@ class LayerWalk:
         config, key = self.config, lambda part: self.layout.layer_key(index, part)
         norm = self._weight(key("input_layernorm.weight"))
         normed = rms_normalize(x, config.rms_norm_eps) * norm
-        dtype = self.checkpoint.dtype(key("self_attn.q_proj.weight"))
+        dtype = self.weights.dtype(key("self_attn.q_proj"))
 
         with torch.device("meta"):
             attention = Attention(config, index)
@@ -207,7 +223,7 @@ class LayerWalk:
         state = {}
         for p in "qkv":
             state[f"{p}_proj.weight"] = self._quantize(
-                key(f"self_attn.{p}_proj"), self._weight(key(f"self_attn.{p}_proj.weight")), stats, dtype, result
+                key(f"self_attn.{p}_proj"), self._linear(key(f"self_attn.{p}_proj")), stats, dtype, result
             )
             if config.attention_bias:
                 state[f"{p}_proj.bias"] = self._weight(key(f"self_attn.{p}_proj.bias"))
@@ -222,7 +238,7 @@ class LayerWalk:
         o_name = key("self_attn.o_proj")
         o_weight = self._quantize(
             o_name,
-            self._weight(f"{o_name}.weight"),
+            self._linear(o_name),
             InputStatistics.of(o_input) if self._scheme(o_name) else None,
             dtype,
             result,
@@ -234,19 +250,20 @@ class LayerWalk:
         """SwiGLU with quantization in order: gate and up on x's statistics, down on the
         intermediate computed with the quantized gate and up. The shared expert and dense layers."""
         names = {p: f"{prefix}.{p}_proj" for p in ("gate", "up", "down")}
-        dtype = self.checkpoint.dtype(f"{names['gate']}.weight")
+        dtype = self.weights.dtype(names["gate"])
         stats = InputStatistics.of(x) if self._scheme(names["gate"]) or self._scheme(names["up"]) else None
-        gate = self._quantize(names["gate"], self._weight(f"{names['gate']}.weight"), stats, dtype, result)
-        up = self._quantize(names["up"], self._weight(f"{names['up']}.weight"), stats, dtype, result)
+        gate = self._quantize(names["gate"], self._linear(names["gate"]), stats, dtype, result)
+        up = self._quantize(names["up"], self._linear(names["up"]), stats, dtype, result)
         hidden = F.silu(x @ gate.t()) * (x @ up.t())
         down_stats = InputStatistics.of(hidden) if self._scheme(names["down"]) else None
-        down = self._quantize(names["down"], self._weight(f"{names['down']}.weight"), down_stats, dtype, result)
+        down = self._quantize(names["down"], self._linear(names["down"]), down_stats, dtype, result)
         return hidden @ down.t()
 
     def _moe(self, index: int, x: torch.Tensor, result: LayerResult, steps: int) -> torch.Tensor:
         config, key = self.config, lambda part: self.layout.layer_key(index, part)
         logits = x @ self._weight(key("feed_forward.router.weight")).t()  # full precision, always
         scores, chosen = route(logits, config.num_experts_per_tok)
+        result.routing = chosen
         out = self._mlp(key("feed_forward.shared_expert"), x, result)
 
         # Group (token, slot) pairs by expert, as the runtime's dispatch does.
@@ -285,15 +302,11 @@ class LayerWalk:
         result: LayerResult,
     ) -> torch.Tensor:
         """Quantize one routed expert and return its outputs for its routed tokens."""
-        width = self.config.intermediate_size
         names = {
             p: self.layout.layer_key(index, f"feed_forward.experts.{expert}.{p}_proj") for p in ("gate", "up", "down")
         }
-        gate_up_info = self.checkpoint.info(self.layout.gate_up_key(index))
-        down_info = self.checkpoint.info(self.layout.down_key(index))
-        gate_up = read_rows(gate_up_info, expert, expert + 1)[0]  # [D, 2F]: stored as [in, out]
-        down = read_rows(down_info, expert, expert + 1)[0]  # [F, D]
-        dtype = gate_up.dtype
+        gate_weight, up_weight, down_weight = self.weights.expert(index, expert)  # one expert resident
+        dtype = self.weights.expert_dtype(index)
 
         policy = self._statistics_source(routed_inputs.shape[0], self._scheme(names["gate"]) is not None)
         if policy in (ALL_EXPERTS, ALL_EXPERTS_FALLBACK):
@@ -309,15 +322,15 @@ class LayerWalk:
             policy = RTN_FALLBACK
         result.experts.append(ExpertCoverage(expert, routed_inputs.shape[0], used, policy))
 
-        gate = self._quantize(names["gate"], gate_up[:, :width].t().float(), stats, dtype, result)
-        up = self._quantize(names["up"], gate_up[:, width:].t().float(), stats, dtype, result)
+        gate = self._quantize(names["gate"], gate_weight, stats, dtype, result)
+        up = self._quantize(names["up"], up_weight, stats, dtype, result)
         routed_hidden = F.silu(routed_inputs @ gate.t()) * (routed_inputs @ up.t())
         down_stats = None
         if stats is not None and inputs is not None:
             hidden = routed_hidden if inputs is routed_inputs else F.silu(inputs @ gate.t()) * (inputs @ up.t())
             down_stats = InputStatistics.of(hidden)
-        down_weight = self._quantize(names["down"], down.t().float(), down_stats, dtype, result)
-        return routed_hidden @ down_weight.t()
+        down = self._quantize(names["down"], down_weight, down_stats, dtype, result)
+        return routed_hidden @ down.t()
 
     # -- after the last layer ------------------------------------------------------------------
 

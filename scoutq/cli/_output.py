@@ -79,3 +79,14 @@ def human_count(count: float) -> str:
             return f"{count:.0f}" if unit == "" else f"{count:.2f}{unit}"
         count /= 1000
     raise AssertionError("unreachable")
+
+
+def step_progress_plain() -> Progress:
+    """A progress bar over steps with an ETA (stderr)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=error_console,
+    )

@@ -13,7 +13,7 @@ import click
 import typer
 from rich.markup import escape
 
-from scoutq.cli import bench, fixture, inspect, quantize, run, verify
+from scoutq.cli import bench, evaluation, fixture, inspect, quantize, run, verify
 from scoutq.cli._output import error
 from scoutq.errors import ScoutqError
 
@@ -28,6 +28,7 @@ app.command("inspect", epilog=inspect.EXAMPLES)(inspect.inspect)
 app.command("quantize", epilog=quantize.EXAMPLES)(quantize.quantize)
 app.command("fixture", epilog=fixture.EXAMPLES)(fixture.fixture)
 app.command("verify", epilog=verify.EXAMPLES)(verify.verify)
+app.command("eval", epilog=evaluation.EXAMPLES)(evaluation.eval_command)
 app.command("run", epilog=run.EXAMPLES)(run.run)
 app.add_typer(bench.app, name="bench")
 

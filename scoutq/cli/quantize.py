@@ -9,12 +9,16 @@ from typing import Annotated
 
 import typer
 
+from scoutq.calibrate.job import CalibrationRun
+from scoutq.calibrate.sets import calibration_batch, load_calibration_set
+from scoutq.calibrate.walk import WalkSettings
 from scoutq.checkpoint.reader import Checkpoint
+from scoutq.cli._calibration import calibration_progress, coverage_summary, estimate_calibration_memory
 from scoutq.cli._output import byte_progress, console, error_console, human_bytes, result_json, table
 from scoutq.errors import ScoutqError
 from scoutq.pipeline.plan import QuantPlan, build_plan
 from scoutq.pipeline.quantize import estimate_peak_memory, quantize_checkpoint
-from scoutq.quant.recipe import load_recipe
+from scoutq.quant.recipe import Recipe, load_recipe
 
 EXAMPLES = """Examples:
 
@@ -23,6 +27,10 @@ EXAMPLES = """Examples:
   scoutq quantize ./scout --recipe recipes/mixed.yaml --out ./scout-mixed --dry-run
 
   scoutq quantize ./scout --recipe w8a16 --out ./scout-w8 --json > report.json
+
+  scoutq quantize ./scout --recipe w4a16-g128-gptq --out ./scout-gptq --calibration wikitext2 --samples 128
+
+  scoutq quantize ./tiny --recipe w4a16-g128-clip --out ./tiny-clip --all-experts --min-tokens 64
 
 An interrupted run resumes: run the same command again.
 """
@@ -60,6 +68,17 @@ def quantize(
     max_shard_size: Annotated[str, typer.Option(help="Output shard size bound.")] = "5GB",
     workers: Annotated[int, typer.Option(help="Quantization threads.", min=1)] = 2,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
+    calibration: Annotated[str | None, typer.Option(
+        help="Calibration set: a calibration/*.yaml name (builtin, wikitext2, c4, pile-val), a YAML path, "
+             "or a .txt/.jsonl/.parquet file. Overrides the recipe's.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Calibration sequences (overrides recipe and set).", min=1)] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sequence.", min=2)] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for drawing calibration windows.")] = None,
+    all_experts: Annotated[bool | None, typer.Option(
+        "--all-experts/--routed-only",
+        help="Every expert's statistics see all tokens (scaled by its own router score), or only its routed tokens.")] = None,
+    min_tokens: Annotated[int | None, typer.Option(
+        help="Experts routed fewer tokens fall back to the recipe's fallback (rtn or all_experts).", min=0)] = None,
 ) -> None:
     """Quantize a Llama 4 checkpoint's experts (and whatever else the recipe says) to int8/int4.
 
@@ -71,16 +90,26 @@ def quantize(
     if "quantization_config" in checkpoint.config_json:
         raise ScoutqError(f"{src}: is already quantized (config.json has quantization_config)")
     checkpoint.validate_shapes()
-    plan = build_plan(checkpoint, load_recipe(recipe))
+    chosen = with_overrides(load_recipe(recipe), calibration=calibration, samples=samples, seq_len=seq_len,
+                            seed=seed, all_experts=all_experts, min_tokens=min_tokens)
+    plan = build_plan(checkpoint, chosen)
     shard_bytes = parse_size(max_shard_size)
     peak = estimate_peak_memory(plan, workers)
     rows = plan_rows(plan)
     totals = {"bytes_in": sum(r["bytes_in"] for r in rows), "bytes_out": sum(r["bytes_out"] for r in rows)}
 
+    calibration_peak = None
+    if chosen.calibrated:
+        settings = chosen.calibration
+        assert settings is not None
+        cset = load_calibration_set(settings.dataset)
+        tokens = (settings.samples or cset.samples) * (settings.seq_len or cset.seq_len)
+        calibration_peak = estimate_calibration_memory(checkpoint.config, tokens, settings.all_experts)
+        peak = max(peak, calibration_peak)
     if dry_run:
         if json:
             result_json({"recipe": plan.recipe.name, "plan": rows, **totals, "estimated_peak_rss_bytes": peak,
-                         "warnings": plan.warnings})
+                         "estimated_calibration_peak_rss_bytes": calibration_peak, "warnings": plan.warnings})
             return
         table(f"Plan: {plan.recipe.name} on {src}", ["role", "scheme", "modules", "tensors", "bytes in", "bytes out"],
               [[str(r["role"]), str(r["scheme"]), str(r["modules"]), str(r["tensors"]), human_bytes(r["bytes_in"]),  # type: ignore[arg-type]
@@ -88,6 +117,13 @@ def quantize(
         console.print(f"total {human_bytes(totals['bytes_in'])} -> {human_bytes(totals['bytes_out'])} "
                       f"({totals['bytes_out'] / max(totals['bytes_in'], 1):.1%}); "
                       f"estimated peak memory {human_bytes(peak)} with {workers} worker(s)")
+        if chosen.calibrated:
+            settings = chosen.calibration
+            assert settings is not None
+            console.print(f"calibration: {chosen.method.value} on {settings.dataset} "
+                          f"({settings.samples or cset.samples} x {settings.seq_len or cset.seq_len} tokens), "
+                          f"all_experts={settings.all_experts}, min_tokens={settings.min_tokens}, "
+                          f"fallback={settings.fallback.value}; layer walk peak about {human_bytes(calibration_peak or 0)}")
         for warning in plan.warnings:
             error_console.print(f"[yellow]warning:[/] {warning}")
         return
@@ -96,11 +132,20 @@ def quantize(
         raise ScoutqError("--out is required (or pass --dry-run)")
     for warning in plan.warnings:
         error_console.print(f"[yellow]warning:[/] {warning}")
+    run = None
+    if chosen.calibrated:
+        settings = chosen.calibration
+        assert settings is not None
+        batch = calibration_batch(load_calibration_set(settings.dataset), Path(src), settings.samples,
+                                  settings.seq_len, settings.seed)
+        run = CalibrationRun(batch, WalkSettings.from_recipe(chosen))
     try:
-        with byte_progress(plan.recipe.name) as progress:
-            task = progress.add_task(f"quantize {plan.recipe.name}", total=totals["bytes_in"])
-            report = quantize_checkpoint(src, plan, checkpoint, out, max_shard_bytes=shard_bytes, workers=workers,
-                                         overwrite=overwrite, on_progress=lambda n: progress.advance(task, n))
+        with calibration_progress(enabled=run is not None) as (on_layer, on_step):
+            with byte_progress(plan.recipe.name) as progress:
+                task = progress.add_task(f"write {plan.recipe.name}", total=totals["bytes_in"])
+                report = quantize_checkpoint(src, plan, checkpoint, out, max_shard_bytes=shard_bytes, workers=workers,
+                                             overwrite=overwrite, on_progress=lambda n: progress.advance(task, n),
+                                             calibration=run, on_layer=on_layer, on_layer_step=on_step)
     except KeyboardInterrupt:
         error_console.print(f"interrupted: finished shards are kept in {out}; run the same command again to resume")
         raise typer.Exit(130) from None
@@ -108,9 +153,27 @@ def quantize(
     if json:
         result_json(summary)
         return
+    if report.coverage is not None:
+        coverage_summary(report.coverage)
     if report.already_complete:
         console.print(f"{out} already holds this exact result (manifest matches); nothing to do")
         return
     resumed = f", {report.shards_reused} reused from an interrupted run" if report.shards_reused else ""
     console.print(f"wrote {out}: {report.shards} shard(s){resumed}, {human_bytes(report.bytes_in)} -> "
                   f"{human_bytes(report.bytes_out)} in {report.seconds:.1f} s ({summary['throughput_gb_s']:.2f} GB/s)")
+
+
+def with_overrides(recipe: Recipe, *, calibration: str | None, samples: int | None, seq_len: int | None,
+                   seed: int | None, all_experts: bool | None, min_tokens: int | None) -> Recipe:
+    """The recipe with command-line calibration options applied; they are recorded in the
+    manifest's recipe, so the output says how it was really made."""
+    given = {"dataset": calibration, "samples": samples, "seq_len": seq_len, "seed": seed,
+             "all_experts": all_experts, "min_tokens": min_tokens}
+    given = {key: value for key, value in given.items() if value is not None}
+    if not given:
+        return recipe
+    if recipe.calibration is None:
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in given)
+        raise ScoutqError(f"{flags}: recipe {recipe.name!r} is data-free (method {recipe.method.value}); "
+                          "calibration options apply to gptq and clip recipes")
+    return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=given)})

@@ -12,6 +12,9 @@
   in a journal, then renamed. A rerun of the same command finds the journal, re-checks the
   finished shards' hashes and writes only the rest. config.json, the index, the copied
   tokenizer files and finally the manifest are written last; the manifest marks completion.
+* A calibrated recipe (gptq, clip) first runs the layer walk of scoutq.calibrate, which keeps
+  each layer's quantized modules in DST/.scoutq-calibration (resumable per layer); the shard
+  writer then copies those instead of rounding to nearest. coverage.json joins the output.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ from typing import Any
 
 import torch
 
+from scoutq.calibrate.job import (
+    CALIBRATION_DIR,
+    COVERAGE_NAME,
+    CalibratedTensors,
+    CalibrationRun,
+    LayerProgressFn,
+    run_calibration,
+)
+from scoutq.calibrate.walk import ProgressFn
 from scoutq.checkpoint.manifest import (
     MANIFEST_NAME,
     library_versions,
@@ -88,6 +100,7 @@ class QuantizeReport:
     seconds: float
     already_complete: bool = False
     warnings: list[str] = field(default_factory=list)
+    coverage: dict[str, Any] | None = None
 
 
 def work_units(plan: QuantPlan) -> list[Unit]:
@@ -130,8 +143,14 @@ def _packed_outputs(item: PlannedModule, packed: PackedWeight) -> Iterator[tuple
         yield f"{item.module.name}.{suffix}", tensor
 
 
-def _produce(checkpoint: Checkpoint, unit: Unit) -> Iterator[tuple[str, torch.Tensor]]:
+def _produce(checkpoint: Checkpoint, unit: Unit, calibrated: CalibratedTensors | None = None
+             ) -> Iterator[tuple[str, torch.Tensor]]:
     """The unit's output tensors, in plan order, as (name, whole tensor or row block)."""
+    if calibrated is not None and all(item.scheme is not None and calibrated.has(item.module.name)
+                                      for item in unit.modules):
+        for item in unit.modules:
+            yield from calibrated.tensors(item.module.name, [spec.name for spec in item.outputs])
+        return
     first = unit.modules[0].module
     info = checkpoint.info(first.source)
     if first.expert is not None:
@@ -180,7 +199,7 @@ def _produce(checkpoint: Checkpoint, unit: Unit) -> Iterator[tuple[str, torch.Te
 
 
 def _ordered_results(
-    checkpoint: Checkpoint, units: list[Unit], workers: int
+    checkpoint: Checkpoint, units: list[Unit], workers: int, calibrated: CalibratedTensors | None
 ) -> Iterator[tuple[Unit, Iterator[tuple[str, torch.Tensor]]]]:
     """Each unit's outputs, in order; up to `workers + 1` units computed ahead on the pool."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scoutq-quant") as pool:
@@ -192,7 +211,7 @@ def _ordered_results(
                 if unit.streamed:  # computed lazily by the writer, in row blocks
                     window.append((unit, None))
                 else:
-                    window.append((unit, pool.submit(lambda u=unit: list(_produce(checkpoint, u)))))
+                    window.append((unit, pool.submit(lambda u=unit: list(_produce(checkpoint, u, calibrated)))))
                 return
 
         for _ in range(workers + 1):
@@ -201,7 +220,7 @@ def _ordered_results(
             while window:
                 unit, future = window.popleft()
                 submit_next()
-                yield unit, iter(future.result()) if future is not None else _produce(checkpoint, unit)
+                yield unit, iter(future.result()) if future is not None else _produce(checkpoint, unit, calibrated)
         except BaseException:
             for _, future in window:
                 if future is not None:
@@ -267,15 +286,24 @@ def quantize_checkpoint(
     overwrite: bool = False,
     on_progress: Callable[[int], None] | None = None,
     compile_kernels: bool | None = None,
+    calibration: CalibrationRun | None = None,
+    on_layer: LayerProgressFn | None = None,
+    on_layer_step: ProgressFn | None = None,
 ) -> QuantizeReport:
     """Write the quantized checkpoint `plan` describes into `dst` (resuming when possible).
 
     compile_kernels: fuse the RTN block kernels with torch.compile (None: when a C++ compiler
     exists and the input is large). The output bytes are identical either way.
+    calibration: tokens and settings of a calibrated recipe; on_layer and on_layer_step
+    report its layer walk (layer, layers) and the steps inside a layer.
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    if plan.recipe.calibrated and calibration is None:
+        raise ValueError(f"recipe {plan.recipe.name!r} is calibrated: pass its CalibrationRun")
     identity_body = run_identity(checkpoint, plan, max_shard_bytes)
+    if calibration is not None:
+        identity_body["calibration"] = calibration.identity()
     identity = _identity_hash(identity_body)
     finished = _prepare_destination(src, dst, identity, overwrite)
     bytes_in = sum(item.bytes_in for item in plan.items)
@@ -285,14 +313,21 @@ def quantize_checkpoint(
     if finished is None:
         if on_progress:
             on_progress(bytes_in)
+        coverage = _read_json(dst / COVERAGE_NAME) if calibration is not None else None
         return QuantizeReport(str(dst), identity, len(shards), len(shards), bytes_in, bytes_out,
-                              time.perf_counter() - started, already_complete=True, warnings=plan.warnings)
+                              time.perf_counter() - started, already_complete=True, warnings=plan.warnings,
+                              coverage=coverage)
 
     # A journaled shard is kept only if its bytes still hash to what was recorded.
     kept = {name: digest for name, digest in finished.items() if name in names and (dst / name).is_file()
             and sha256_file(dst / name) == digest}
     journal: dict[str, Any] = {"identity": identity, "shards": dict(kept)}
     atomic_write_json(dst / JOURNAL_NAME, journal)
+
+    calibrated, coverage = None, None
+    if calibration is not None:
+        calibrated, coverage = run_calibration(checkpoint, plan, calibration, dst / CALIBRATION_DIR, identity,
+                                               on_layer, on_layer_step)
 
     shard_of = {spec.name: index for index, shard in enumerate(shards) for spec in shard}
     units = work_units(plan)
@@ -321,7 +356,7 @@ def quantize_checkpoint(
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, torch_threads // max(workers, 1)))  # workers share the cores
     try:
-        for unit, outputs in _ordered_results(checkpoint, todo, workers):
+        for unit, outputs in _ordered_results(checkpoint, todo, workers, calibrated):
             for name, piece in outputs:
                 index = shard_of[name]
                 if names[index] in kept:
@@ -348,9 +383,17 @@ def quantize_checkpoint(
         torch.set_num_threads(torch_threads)
         rtn.use_compiled(False)
 
-    _finalize(src, dst, checkpoint, plan, shards, names, journal["shards"], identity, identity_body)
+    _finalize(src, dst, checkpoint, plan, shards, names, journal["shards"], identity, identity_body, coverage)
     return QuantizeReport(str(dst), identity, len(shards), len(kept), bytes_in, bytes_out,
-                          time.perf_counter() - started, warnings=plan.warnings)
+                          time.perf_counter() - started, warnings=plan.warnings, coverage=coverage)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _finalize(
@@ -363,6 +406,7 @@ def _finalize(
     shard_hashes: dict[str, str],
     identity: str,
     identity_body: dict[str, Any],
+    coverage: dict[str, Any] | None,
 ) -> None:
     file_hashes = {name: shard_hashes[name] for name in names}
     if len(shards) > 1:
@@ -385,6 +429,10 @@ def _finalize(
             os.replace(partial, dst / entry.name)
             file_hashes[entry.name] = sha256_file(dst / entry.name)
 
+    if coverage is not None:
+        atomic_write_json(dst / COVERAGE_NAME, coverage)
+        file_hashes[COVERAGE_NAME] = sha256_file(dst / COVERAGE_NAME)
+
     write_manifest(dst, {
         "format": "scoutq-manifest/1",
         "identity": identity,
@@ -395,8 +443,10 @@ def _finalize(
         "quantized_modules": len(plan.quantized()),
         "bytes_in": sum(item.bytes_in for item in plan.items),
         "bytes_out": sum(item.bytes_out for item in plan.items),
+        **({"calibration": identity_body["calibration"]} if "calibration" in identity_body else {}),
     }, file_hashes)
     (dst / JOURNAL_NAME).unlink(missing_ok=True)
+    shutil.rmtree(dst / CALIBRATION_DIR, ignore_errors=True)
 
 
 

@@ -60,17 +60,22 @@ def prepare_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def inverse_cholesky(h: torch.Tensor, what: str) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1; dampening is raised tenfold (up to 3 times) if H is not
-    positive definite in fp32."""
+    """Upper Cholesky factor U of H^-1 (U^T U = H^-1), row-major.
+
+    With J the order-reversing permutation and J H J = L L^T, U = J L^-1 J: upper triangular
+    with a positive diagonal, and U^T U = J L^-T L^-1 J = H^-1. One factorisation and one
+    triangular inverse, instead of inverting H and factorising the inverse (2.5x the work).
+    Dampening is raised (up to 3 times, tenfold each) if H is not positive definite in fp32.
+    """
     extra = 0.0
+    size = h.shape[0]
     for _ in range(4):
-        damped = h if extra == 0 else h + extra * h.diagonal().mean() * torch.eye(h.shape[0])
-        lower, info = torch.linalg.cholesky_ex(damped)
+        damped = h if extra == 0 else h + extra * h.diagonal().mean() * torch.eye(size)
+        lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper
+            inverse = torch.linalg.solve_triangular(lower, torch.eye(size), upper=False)
+            # LAPACK results are column-major; the column loop reads rows of U, which must be contiguous.
+            return inverse.flip(0, 1).contiguous()
         extra = 0.01 if extra == 0 else extra * 10
     raise ScoutqError(f"{what}: the calibration Hessian is not positive definite even with dampening 10")
 
@@ -86,9 +91,34 @@ def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
     return q.to(torch.int8), (shifted * scale).float()
 
 
+@dataclass(frozen=True)
+class Factorized:
+    """What GPTQ needs of a Hessian, computed once for every weight that reads the same input
+    (gate and up of one expert share it)."""
+
+    importance: torch.Tensor  # the dampened diagonal of H [in]
+    order: torch.Tensor  # column processing order [in]
+    upper: torch.Tensor  # upper Cholesky factor of H^-1, rows and columns in `order`
+
+
+def factorize(hessian: torch.Tensor, options: GptqOptions, what: str = "weight") -> Factorized:
+    h = prepare_hessian(hessian, options.damp)
+    importance = h.diagonal().clone()
+    if options.act_order:
+        order = torch.argsort(importance, descending=True, stable=True)
+        h = h[order][:, order]
+    else:
+        order = torch.arange(h.shape[0])
+    torch.set_flush_denormal(True)
+    try:
+        return Factorized(importance, order, inverse_cholesky(h, what))
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def gptq_quantize(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | Factorized,
     scheme: Scheme,
     scale_dtype: torch.dtype | None = None,
     options: GptqOptions = GptqOptions(),
@@ -98,19 +128,30 @@ def gptq_quantize(
 
     Args:
         w: weight [out, in], any float dtype.
-        hessian: X^T X summed over the calibration tokens (any positive scale; only ratios matter).
+        hessian: X^T X summed over the calibration tokens (any positive scale; only ratios
+            matter), or its `factorize` result with the same options.
         scheme: bits, group size, symmetry of the stored weight.
         scale_dtype: dtype of the stored scales (default: w's dtype).
         options: dampening, block size, activation order, scale search.
         what: names the tensor in errors.
     """
-    scale_dtype = scale_dtype or w.dtype
+    # Error propagation drives many updates towards zero; subnormal floats take a slow path
+    # on x86 (100x slower rank-one updates measured), so they are flushed to zero meanwhile.
+    torch.set_flush_denormal(True)
+    try:
+        return _gptq(w, hessian, scheme, scale_dtype or w.dtype, options, what)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor | Factorized, scheme: Scheme, scale_dtype: torch.dtype,
+          options: GptqOptions, what: str) -> PackedWeight:
     out_features, in_features = w.shape
     group = scheme.group_size or in_features
     if in_features % group:
         raise ValueError(f"in_features {in_features} is not a multiple of group_size {group}")
-    h = prepare_hessian(hessian, options.damp)
-    importance = h.diagonal().clone()
+    factors = hessian if isinstance(hessian, Factorized) else factorize(hessian, options, what)
+    importance, order, u = factors.importance, factors.order, factors.upper
 
     # Static scales (all groups fixed before any update): per-channel, or act_order.
     static = options.act_order or scheme.group_size is None
@@ -124,9 +165,7 @@ def gptq_quantize(
         if zeros is not None:
             zeros[:] = found
 
-    order = torch.argsort(importance, descending=True, stable=True) if options.act_order else torch.arange(in_features)
     weights = w.float().t()[order].contiguous()  # [in, out]: one column of W is one contiguous row
-    u = inverse_cholesky(h[order][:, order], what)
     q_columns = torch.empty(in_features, out_features, dtype=torch.int8)
     # Without static scales, blocks hold whole groups, so a group's scale is taken inside one block.
     block = options.block_size if static else max(group, options.block_size // group * group)

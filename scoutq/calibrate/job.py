@@ -1,0 +1,199 @@
+"""The calibration phase of a calibrated quantize run: walk every layer, keep its results on disk.
+
+    DST/.scoutq-calibration/
+        layer-0007.safetensors   layer 7's quantized modules, under their output tensor names
+        hidden.safetensors       the fp32 hidden states entering the next layer to calibrate
+        head.safetensors         lm_head, when the recipe quantizes it
+        state.json               run identity, next layer, coverage so far (written last)
+
+Each finished layer is committed in that order, each file under a temporary name then renamed,
+so a run killed at any point resumes at the first unfinished layer with exactly the hidden states
+it would have had: the output is byte-identical to an uninterrupted run. The shard writer then
+takes quantized tensors from these files (calibrated modules) or computes them as usual
+(round-to-nearest for quantized modules no calibration data reaches, such as the vision tower).
+The directory is removed once the manifest is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from scoutq.calibrate.sets import CalibrationBatch
+from scoutq.calibrate.walk import (
+    ALL_EXPERTS,
+    ALL_EXPERTS_FALLBACK,
+    RTN_FALLBACK,
+    LayerResult,
+    LayerWalk,
+    ProgressFn,
+    WalkSettings,
+)
+from scoutq.checkpoint.layout import Role
+from scoutq.checkpoint.reader import Checkpoint
+from scoutq.checkpoint.writer import atomic_write_json
+from scoutq.pipeline.plan import QuantPlan
+from scoutq.quant.packed import PackedWeight
+
+CALIBRATION_DIR = ".scoutq-calibration"
+COVERAGE_NAME = "coverage.json"
+FAULT_ENV = "SCOUTQ_FAULT_AFTER_LAYERS"  # tests: SIGKILL this process after N layers are committed
+UNCALIBRATED_ROLES = frozenset({Role.VISION, Role.PROJECTOR})  # no text hidden states reach them
+
+LayerProgressFn = Callable[[int, int], None]  # (layer being calibrated, layers in the model)
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    """What a calibrated run needs beyond the plan: its tokens and algorithm settings."""
+
+    batch: CalibrationBatch
+    settings: WalkSettings
+
+    def identity(self) -> dict[str, Any]:
+        """Everything about the calibration that changes output bytes (the recipe is hashed apart)."""
+        batch = self.batch
+        return {"set": batch.set_name, "tokens_sha256": batch.fingerprint, "samples": batch.samples,
+                "seq_len": batch.seq_len, "seed": batch.seed}
+
+
+class CalibratedTensors:
+    """Quantized tensors of calibrated modules, read back from the calibration directory."""
+
+    def __init__(self, directory: Path, files: dict[str, Path]):
+        self.directory = directory
+        self.files = files  # module name -> file holding its tensors
+
+    def has(self, module: str) -> bool:
+        return module in self.files
+
+    def tensors(self, module: str, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        with safe_open(str(self.files[module]), framework="pt", device="cpu") as handle:
+            for name in names:
+                yield name, handle.get_tensor(name)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial))
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def _packed_state(quantized: dict[str, PackedWeight]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{suffix}": tensor.contiguous() for name, packed in quantized.items()
+            for suffix, tensor in packed.state().items()}
+
+
+def _layer_file(directory: Path, layer: int) -> Path:
+    return directory / f"layer-{layer:04d}.safetensors"
+
+
+def _coverage_entry(result: LayerResult) -> dict[str, Any]:
+    return {"layer": result.layer, "tokens": result.tokens, "experts": [asdict(e) for e in result.experts]}
+
+
+def _read_state(directory: Path, identity: str) -> dict[str, Any] | None:
+    try:
+        state = json.loads((directory / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) and state.get("identity") == identity else None
+
+
+def run_calibration(
+    checkpoint: Checkpoint,
+    plan: QuantPlan,
+    run: CalibrationRun,
+    directory: Path,
+    identity: str,
+    on_layer: LayerProgressFn | None = None,
+    on_step: ProgressFn | None = None,
+) -> tuple[CalibratedTensors, dict[str, Any]]:
+    """Calibrate and quantize every text layer (resuming a matching earlier run in `directory`).
+
+    Returns the calibrated tensors and the coverage document (coverage.json's content).
+    """
+    layers = checkpoint.config.num_hidden_layers
+    state = _read_state(directory, identity)
+    if state is None:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        state = {"identity": identity, "next_layer": 0, "layers": [], "head": False}
+
+    walk = LayerWalk(checkpoint, plan, run.settings, on_step)
+    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    if state["next_layer"] < layers or not state["head"]:
+        if state["next_layer"] == 0:
+            hidden = walk.embed(run.batch.tokens)
+        else:
+            with safe_open(str(directory / "hidden.safetensors"), framework="pt", device="cpu") as handle:
+                hidden = handle.get_tensor("hidden")
+        for layer in range(state["next_layer"], layers):
+            if on_layer:
+                on_layer(layer, layers)
+            hidden, result = walk.layer(layer, hidden)
+            _save_atomic(_packed_state(result.quantized), _layer_file(directory, layer))
+            _save_atomic({"hidden": hidden.contiguous()}, directory / "hidden.safetensors")
+            state["layers"].append(_coverage_entry(result))
+            state["next_layer"] = layer + 1
+            atomic_write_json(directory / "state.json", state)  # the commit point of this layer
+            if fault_after and layer + 1 >= fault_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        head = walk.head(hidden)
+        if head:
+            _save_atomic(_packed_state(head), directory / "head.safetensors")
+        state["head"] = True
+        atomic_write_json(directory / "state.json", state)
+
+    files: dict[str, Path] = {}
+    for item in plan.quantized():
+        module = item.module
+        if module.layer is not None and module.role not in UNCALIBRATED_ROLES:
+            files[module.name] = _layer_file(directory, module.layer)
+        elif module.role == Role.LM_HEAD:
+            files[module.name] = directory / "head.safetensors"
+    return CalibratedTensors(directory, files), coverage_document(plan, run, state["layers"])
+
+
+def coverage_document(plan: QuantPlan, run: CalibrationRun, layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """coverage.json: per layer and expert, tokens routed and seen, and the policy applied."""
+    settings = run.settings
+    below = [
+        {"layer": entry["layer"], "expert": e["expert"], "routed_tokens": e["routed_tokens"], "policy": e["policy"]}
+        for entry in layers for e in entry["experts"]
+        if e["policy"] in (ALL_EXPERTS_FALLBACK, RTN_FALLBACK)
+    ]
+    uncalibrated = [item.module.name for item in plan.quantized() if item.module.role in UNCALIBRATED_ROLES]
+    return {
+        "format": "scoutq-coverage/1",
+        "calibration": run.identity(),
+        "settings": {
+            "method": settings.method.value,
+            "all_experts": settings.all_experts,
+            "min_tokens": settings.min_tokens,
+            "fallback": settings.fallback.value,
+        },
+        "layers": layers,
+        "below_min_tokens": below,
+        "all_experts_statistics": settings.all_experts,
+        "round_to_nearest_modules": uncalibrated,  # quantized without calibration: no data reaches them
+        "policies": {
+            "routed": "statistics from the tokens the router sent to this expert, scaled by their router scores",
+            ALL_EXPERTS: "statistics from every token, scaled by this expert's own router score (all_experts)",
+            ALL_EXPERTS_FALLBACK: "fewer routed tokens than min_tokens: statistics from every token, as all_experts",
+            RTN_FALLBACK: "fewer routed tokens than min_tokens: round-to-nearest, no statistics",
+            "not_quantized": "the recipe keeps these experts in source precision",
+        },
+    }

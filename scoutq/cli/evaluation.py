@@ -1,0 +1,191 @@
+"""`scoutq eval`: perplexity, KL divergence, top-1 and routing agreement, expert error, latency."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from scoutq.checkpoint.reader import require_directory
+from scoutq.checkpoint.writer import atomic_write_json
+from scoutq.cli._output import console, error_console, result_json, step_progress_plain, table
+from scoutq.errors import ScoutqError
+
+EXAMPLES = """Examples:
+
+  scoutq eval out/scout-w4 --reference ./Llama-4-Scout-17B-16E-Instruct --dataset wikitext2
+
+  scoutq eval out/tiny-w4 --reference out/tiny-trained --latency --json report.json --markdown report.md --plots plots/
+
+  scoutq eval out/tiny-trained --dataset notes.txt --seq-len 256 --samples 64
+
+  scoutq eval ./scout --layer-walk --samples 32 --save-reference scout-ref.safetensors
+
+  scoutq eval out/scout-w4 --layer-walk --reference scout-ref.safetensors
+"""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint to evaluate (scoutq-quantized or bf16).")],
+    reference: Annotated[Path | None, typer.Option(help="Reference checkpoint (usually the bf16 source).")] = None,
+    dataset: Annotated[str, typer.Option(
+        help="builtin (offline held-out text), wikitext2 (test split, needs the hub), a calibration set name, "
+             "or a .txt/.jsonl/.parquet file.")] = "builtin",
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.", min=2)] = 128,
+    samples: Annotated[int | None, typer.Option(help="Windows to evaluate (default: all the text gives).", min=1)] = None,
+    latency: Annotated[bool, typer.Option(help="Also measure prefill / decode speed and memory.")] = False,
+    json: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here ('-' for stdout).")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report here.")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write PNG heatmaps and the routing histogram into this folder.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Kernel backend for quantized weights: reference, cpu, bnb.")] = None,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: fp32 (exact comparisons) or bf16 (faster).")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 8,
+    layer_walk: Annotated[bool, typer.Option(
+        help="Walk the checkpoints layer by layer instead of loading them (models larger than memory).")] = False,
+    top_k: Annotated[int, typer.Option(help="Reference log-probabilities kept per token in --layer-walk mode.",
+                                       min=1)] = 64,
+    save_reference: Annotated[Path | None, typer.Option(
+        help="--layer-walk: store the reference's (or, without --reference, this model's) top-k "
+             "log-probabilities here, for `--reference FILE` in later runs.")] = None,
+) -> None:
+    """Evaluate a model on held-out text, against a reference model when given.
+
+    Reports perplexity with a 95% interval; against the reference, the KL divergence of the
+    next-token distributions (mean with interval, p99), top-1 agreement and, per MoE layer,
+    the share of tokens routed to the same expert; per layer and expert, weight and output
+    SQNR; with --latency, prefill and decode tokens/s, time to first token and peak memory.
+    """
+    from scoutq.evaluate.compare import compare_models
+    from scoutq.evaluate.quant_error import error_tables
+    from scoutq.evaluate.report import build_report, render_markdown, routing_rows, summary_rows
+    from scoutq.evaluate.texts import evaluation_texts
+    from scoutq.evaluate.windows import evaluation_windows
+    from scoutq.model.load import load_model
+
+    if dtype not in DTYPES:
+        raise ScoutqError(f"--dtype {dtype!r}: choose fp32 or bf16")
+    started = time.perf_counter()
+    require_directory(model)
+    stored_reference = reference is not None and reference.is_file()
+    if reference is not None and not stored_reference:
+        require_directory(reference, "a reference checkpoint directory or stored reference file")
+    if stored_reference and not layer_walk:
+        raise ScoutqError(f"--reference {reference}: a stored reference file is used with --layer-walk")
+    if layer_walk and latency:
+        raise ScoutqError("--latency measures the resident runtime; it cannot be combined with --layer-walk")
+    if save_reference is not None and not layer_walk:
+        raise ScoutqError("--save-reference stores layer-walked scores; add --layer-walk")
+    name, texts = evaluation_texts(dataset)
+
+    errors, latency_report = None, None
+    if layer_walk:
+        comparison = _walked(model, reference, stored_reference, name, texts, seq_len, samples, top_k, save_reference)
+    else:
+        windows = evaluation_windows(model, seq_len, samples, texts)
+        candidate = load_model(model, dtype=DTYPES[dtype], backend=backend)
+        reference_model = load_model(reference, dtype=DTYPES[dtype]) if reference is not None else None
+        with step_progress_plain() as progress:
+            task = progress.add_task("evaluate", total=windows.shape[0])
+            comparison = compare_models(candidate, reference_model, windows, batch_size,
+                                        on_batch=lambda done: progress.update(task, completed=done))
+        if reference_model is not None and "quantization_config" in jsonlib.loads((model / "config.json").read_text()):
+            errors = error_tables(model, reference, reference_model, windows)  # type: ignore[arg-type]
+        del reference_model
+        if latency:
+            from scoutq.evaluate.latency import measure_latency
+
+            latency_report = measure_latency(candidate, candidate.config.vocab_size).to_json()  # type: ignore[union-attr, operator]
+    environment = {"scoutq": _version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "device": "cpu", "dtype": "fp32" if layer_walk else dtype,
+                   "backend": "layer-walk (dequantized, fp32)" if layer_walk else backend or "default"}
+    report = build_report(str(model), str(reference) if reference else None, name, seq_len, comparison, errors,
+                          latency_report, environment, round(time.perf_counter() - started, 2))
+
+    if plots is not None:
+        _write_plots(report, plots)
+    if markdown is not None:
+        _write_text(markdown, render_markdown(report))
+    if json is not None and str(json) != "-":
+        atomic_write_json(json, report)
+    if json is not None and str(json) == "-":
+        result_json(report)
+        return
+    table(f"scoutq eval: {model}", ["metric", "value"], [list(row) for row in summary_rows(report)])
+    if report["routing"]:
+        table("Routing per MoE layer", ["layer", "same expert as reference", "least-used expert", "most-used expert"],
+              routing_rows(report))
+    for path, what in ((json, "JSON"), (markdown, "Markdown"), (plots, "plots")):
+        if path is not None:
+            console.print(f"{what} report: {path}")
+
+
+def _walked(model: Path, reference: Path | None, stored: bool, dataset: str, texts: list[str] | None, seq_len: int,
+            samples: int | None, top_k: int, save_to: Path | None) -> Any:
+    """Layer-walked scores of the reference (walked, or read from a stored file) and the model."""
+    from scoutq.evaluate.walked import load_reference, save_reference, walk_scores, walked_comparison
+    from scoutq.evaluate.windows import evaluation_windows
+    from scoutq.model.config import load_text_config
+
+    experts = load_text_config(model).num_local_experts
+    reference_scores = None
+    with step_progress_plain() as progress:
+        if stored:
+            reference_scores, described = load_reference(reference)  # type: ignore[arg-type]
+            if described.get("dataset") != dataset:
+                raise ScoutqError(f"--reference {reference}: scored on {described.get('dataset')!r}, not {dataset!r}")
+            windows = reference_scores.windows
+        else:
+            windows = evaluation_windows(model, seq_len, samples, texts)
+        if reference is not None and not stored:
+            task = progress.add_task(f"walk {reference.name}", total=None)
+            reference_scores = walk_scores(reference, windows, top_k,
+                                           on_layer=lambda i, n: progress.update(task, completed=i, total=n))
+            progress.update(task, completed=progress.tasks[task].total)
+        task = progress.add_task(f"walk {model.name}", total=None)
+        scores = walk_scores(model, windows, top_k, reference_scores,
+                             on_layer=lambda i, n: progress.update(task, completed=i, total=n))
+        progress.update(task, completed=progress.tasks[task].total)
+    if save_to is not None:
+        kept = reference_scores if reference_scores is not None and not stored else scores
+        save_reference(kept, save_to, {"dataset": dataset, "seq_len": int(windows.shape[1]),
+                                       "model": str(reference if reference_scores is not None and not stored else model)})
+    return walked_comparison(scores, reference_scores, experts)
+
+
+def _version() -> str:
+    from scoutq import __version__
+
+    return __version__
+
+
+def _write_text(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _write_plots(report: dict[str, Any], directory: Path) -> None:
+    import numpy as np
+
+    from scoutq.evaluate.plots import bar_chart_png, heatmap_png
+
+    directory.mkdir(parents=True, exist_ok=True)
+    errors = report["quantization_error"]
+    if errors is not None and errors["layers"]:
+        for key, title in (("weight_sqnr_db", "expert weight SQNR dB"), ("output_sqnr_db", "expert output SQNR dB")):
+            values = np.array([[np.nan if v is None else v for v in row] for row in errors[key]], dtype=float)
+            heatmap_png(directory / f"{key}.png", values, title, value_label="dB")
+    elif report["reference"] is not None:
+        error_console.print("[yellow]note:[/] the model is not quantized: no expert error heatmaps")
+    if report["routing"]:
+        shares = np.array([entry["expert_share"] for entry in report["routing"]], dtype=float)
+        reference = None
+        if report["routing"][0]["reference_expert_share"] is not None:
+            reference = np.array([entry["reference_expert_share"] for entry in report["routing"]], dtype=float)
+        bar_chart_png(directory / "routing.png", shares, "tokens per expert", reference=reference)

@@ -1,0 +1,173 @@
+"""The eval report: one JSON document (schema `scoutq-eval/1`, below) and its Markdown rendering.
+
+    {
+      "format": "scoutq-eval/1",
+      "model": str, "reference": str | null,
+      "dataset": {"name": str, "seq_len": int, "windows": int, "tokens_scored": int},
+      "perplexity": {"value": float, "low": float, "high": float},        # 95% interval over windows
+      "reference_perplexity": {...same...} | null,
+      "perplexity_gap_pct": float | null,                                  # 100 * (ppl / ref_ppl - 1)
+      "kl": {"mean", "mean_low", "mean_high", "median", "p99", "max"} | null,   # KL(ref || model), nats
+      "top1_agreement": float | null,                                      # share of tokens, 0..1
+      "routing": [{"layer": int, "agreement": float | null,                # same top-k expert set
+                   "expert_share": [float], "reference_expert_share": [float] | null}],
+      "quantization_error": {"layers": [int], "weight_sqnr_db": [[float]], "output_sqnr_db": [[float]],
+                             "tokens": [[int]], "shared_weight_sqnr_db": [float],
+                             "shared_output_sqnr_db": [float]} | null,     # NaN written as null
+      "latency": {...LatencyReport.to_json()...} | null,
+      "environment": {"scoutq": str, "torch": str, "threads": int, "device": str, "dtype": str, "backend": str},
+      "seconds": float
+    }
+
+Every number a person reads in the terminal or the Markdown comes from this document.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+from scoutq.evaluate.compare import Comparison
+from scoutq.evaluate.metrics import Perplexity
+from scoutq.evaluate.quant_error import ErrorTables
+
+FORMAT = "scoutq-eval/1"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or Infinity: write null for NaN, a large number for +inf."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return 1e308 if value > 0 else -1e308
+        return value
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _perplexity(value: Perplexity | None) -> dict[str, float] | None:
+    return None if value is None else {"value": value.value, "low": value.low, "high": value.high}
+
+
+def build_report(model: str, reference: str | None, dataset: str, seq_len: int, comparison: Comparison,
+                 errors: ErrorTables | None, latency: dict[str, Any] | None, environment: dict[str, Any],
+                 seconds: float) -> dict[str, Any]:
+    gap = None
+    if comparison.reference_perplexity is not None:
+        gap = 100.0 * (comparison.perplexity.value / comparison.reference_perplexity.value - 1.0)
+    routing = []
+    for row, layer in enumerate(comparison.moe_layers):
+        counts = comparison.expert_counts[row].double()
+        entry: dict[str, Any] = {"layer": layer, "agreement": None,
+                                 "expert_share": (counts / counts.sum().clamp_min(1)).tolist(),
+                                 "reference_expert_share": None}
+        if comparison.routing_agreement is not None:
+            entry["agreement"] = comparison.routing_agreement[layer]
+        if comparison.reference_expert_counts is not None:
+            ref = comparison.reference_expert_counts[row].double()
+            entry["reference_expert_share"] = (ref / ref.sum().clamp_min(1)).tolist()
+        routing.append(entry)
+    return _clean({
+        "format": FORMAT,
+        "model": model,
+        "reference": reference,
+        "dataset": {"name": dataset, "seq_len": seq_len, "windows": comparison.windows,
+                    "tokens_scored": comparison.tokens_scored},
+        "perplexity": _perplexity(comparison.perplexity),
+        "reference_perplexity": _perplexity(comparison.reference_perplexity),
+        "perplexity_gap_pct": gap,
+        "kl": comparison.kl,
+        "top1_agreement": comparison.top1_agreement,
+        "routing": routing,
+        "quantization_error": asdict(errors) if errors is not None else None,
+        "latency": latency,
+        "environment": environment,
+        "seconds": seconds,
+    })
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric, value) pairs shared by the terminal table and the Markdown."""
+    ppl = report["perplexity"]
+    rows = [("perplexity", f"{ppl['value']:.4f} [{_fmt(ppl['low'])}, {_fmt(ppl['high'])}]")]
+    if report["reference_perplexity"] is not None:
+        ref = report["reference_perplexity"]
+        rows.append(("reference perplexity", f"{ref['value']:.4f} [{_fmt(ref['low'])}, {_fmt(ref['high'])}]"))
+        rows.append(("perplexity gap", f"{report['perplexity_gap_pct']:+.3f}%"))
+    if report["kl"] is not None:
+        kl = report["kl"]
+        rows.append(("KL divergence mean", f"{_fmt(kl['mean'], 5)} [{_fmt(kl['mean_low'], 5)}, {_fmt(kl['mean_high'], 5)}]"))
+        rows.append(("KL divergence p99 / max", f"{_fmt(kl['p99'], 5)} / {_fmt(kl['max'], 5)}"))
+        rows.append(("top-1 agreement", f"{100 * report['top1_agreement']:.2f}%"))
+        agreements = [r["agreement"] for r in report["routing"] if r["agreement"] is not None]
+        if agreements:
+            rows.append(("routing agreement (min over layers)", f"{100 * min(agreements):.2f}%"))
+    errors = report["quantization_error"]
+    if errors is not None and errors["weight_sqnr_db"]:
+        flat = [v for row in errors["output_sqnr_db"] for v in row if v is not None]
+        weights = [v for row in errors["weight_sqnr_db"] for v in row if v is not None]
+        if weights:
+            rows.append(("expert weight SQNR (min / mean)", f"{min(weights):.2f} / {sum(weights) / len(weights):.2f} dB"))
+        if flat:
+            rows.append(("expert output SQNR (min / mean)", f"{min(flat):.2f} / {sum(flat) / len(flat):.2f} dB"))
+    latency = report["latency"]
+    if latency is not None:
+        rows.append(("prefill", f"{latency['prefill_tokens_per_s']:.1f} tok/s ({latency['prompt_len']} tokens)"))
+        rows.append(("time to first token", f"{1000 * latency['time_to_first_token_s']:.1f} ms"))
+        for batch, figures in latency["decode"].items():
+            rows.append((f"decode, batch {batch}", f"{figures['tokens_per_s']:.1f} tok/s ({figures['ms_per_step']:.2f} ms/step)"))
+        rows.append(("weights", f"{latency['weight_bytes'] / 1e6:.2f} MB"))
+        rows.append(("peak RSS", f"{latency['peak_rss_bytes'] / 1e9:.3f} GB"))
+        if latency.get("gpu_peak_bytes"):
+            rows.append(("peak GPU memory", f"{latency['gpu_peak_bytes'] / 1e9:.3f} GB"))
+    return rows
+
+
+def routing_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for entry in report["routing"]:
+        share = entry["expert_share"]
+        agreement = "–" if entry["agreement"] is None else f"{100 * entry['agreement']:.2f}%"
+        rows.append([str(entry["layer"]), agreement, f"{100 * min(share):.1f}%", f"{100 * max(share):.1f}%"])
+    return rows
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A release-note section: the summary, routing per layer, and the expert error table."""
+    dataset = report["dataset"]
+    lines = [f"## Evaluation of `{report['model']}`", ""]
+    if report["reference"]:
+        lines += [f"Reference: `{report['reference']}`.", ""]
+    lines += [(f"{dataset['windows']} windows of {dataset['seq_len']} tokens from `{dataset['name']}` "
+              f"({dataset['tokens_scored']} scored tokens); intervals are 95% over windows."), "",
+              "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in summary_rows(report)]
+    if report["routing"]:
+        lines += ["", "### Routing per MoE layer", "", "| layer | same expert as reference | least-used expert | most-used expert |",
+                  "|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in routing_rows(report)]
+    errors = report["quantization_error"]
+    if errors is not None and errors["layers"]:
+        experts = len(errors["weight_sqnr_db"][0])
+        lines += ["", "### Expert output SQNR (dB) on evaluation tokens", "",
+                  "| layer | shared | " + " | ".join(f"e{e}" for e in range(experts)) + " |",
+                  "|---|---|" + "---|" * experts]
+        for layer, row, shared in zip(errors["layers"], errors["output_sqnr_db"], errors["shared_output_sqnr_db"],
+                                      strict=True):
+            cells = ["–" if v is None else f"{v:.1f}" for v in row]
+            lines.append(f"| {layer} | {'–' if shared is None else f'{shared:.1f}'} | " + " | ".join(cells) + " |")
+    environment = report["environment"]
+    lines += ["", (f"scoutq {environment['scoutq']}, torch {environment['torch']}, {environment['device']}, "
+              f"{environment['threads']} threads, {environment['dtype']}, backend {environment['backend']}."), ""]
+    return "\n".join(lines)
