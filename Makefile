@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 CACHE ?= .cache/scoutq
 STAMP := $(VENV)/.scoutq-installed
 
-.PHONY: install demo release test test-slow fixtures bench-fixture bench-quantize bench-calibrate bench-eval clean
+.PHONY: install demo release test test-slow fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality clean
 
 install: $(STAMP)
 
@@ -82,3 +82,8 @@ bench-calibrate: install
 # layer at a time) on 3 real-Scout-shape layers: time and peak RSS (target at most 6 GB).
 bench-eval: install
 	$(BIN)/python -m scoutq.bench.evaluate --layers 3 --samples 8 --seq-len 512 --dir $(BENCH_DIR)
+
+# The quality table: bf16 vs RTN, clipping and GPTQ at int8 and int4 on tiny-trained (held-out
+# text, every window), through `scoutq eval`. About 5 minutes on 2 cores.
+bench-quality: install
+	$(BIN)/python -m scoutq.bench.quality

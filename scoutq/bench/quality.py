@@ -1,0 +1,80 @@
+"""The quality table of issue 5: bf16, RTN, clipping and GPTQ, int8 and int4, on tiny-trained.
+
+    python -m scoutq.bench.quality [--samples 128] [--seq-len 256] [--eval-windows all]
+
+Quantizes the tiny-trained fixture with each method and bit width (the int8 clipping recipe
+is written on the fly; the others are shipped), then runs `scoutq eval` of each against the
+bf16 model on the held-out builtin evaluation split (every window of 128 tokens), in fp32 with
+the reference kernels, and prints one table: perplexity gap, mean KL with its interval, top-1
+and minimum routing agreement, and the ratios of the int4 gaps to RTN's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+INT8_CLIP = """name: w8a16-clip
+method: clip
+rules:
+  - targets: [routed_experts, shared_expert]
+    weights: {bits: 8, symmetric: true}
+calibration: {dataset: builtin, min_tokens: 32, fallback: all_experts}
+"""
+CANDIDATES = [("int8", "RTN", "w8a16"), ("int8", "clip", "w8a16-clip"), ("int8", "GPTQ", "w8a16-gptq"),
+              ("int4", "RTN", "w4a16-g128"), ("int4", "clip", "w4a16-g128-clip"), ("int4", "GPTQ", "w4a16-g128-gptq")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, default=Path(".cache/scoutq/tiny-trained"))
+    parser.add_argument("--samples", type=int, default=None, help="calibration sequences (recipe default)")
+    parser.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (recipe default)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    scoutq = shutil.which("scoutq") or str(Path(sys.executable).with_name("scoutq"))
+    subprocess.run([scoutq, "fixture", str(args.source), "--preset", "tiny-trained", "--reuse"], check=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="scoutq-quality-") as scratch:
+        work = Path(scratch)
+        (work / "w8a16-clip.yaml").write_text(INT8_CLIP)
+        for bits, method, recipe in CANDIDATES:
+            recipe_arg = str(work / f"{recipe}.yaml") if (work / f"{recipe}.yaml").is_file() else recipe
+            out = work / recipe
+            command = [scoutq, "quantize", str(args.source), "--recipe", recipe_arg, "--out", str(out)]
+            if method != "RTN":
+                command += [*(["--samples", str(args.samples)] if args.samples else []),
+                            *(["--seq-len", str(args.seq_len)] if args.seq_len else [])]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            report = work / f"{recipe}.json"
+            subprocess.run([scoutq, "eval", str(out), "--reference", str(args.source), "--backend", "reference",
+                            "--json", str(report)], check=True, stdout=subprocess.DEVNULL)
+            body = json.loads(report.read_text())
+            rows.append({"bits": bits, "method": method, "recipe": recipe, "windows": body["dataset"]["windows"],
+                         "perplexity": body["perplexity"]["value"], "bf16_perplexity": body["reference_perplexity"]["value"],
+                         "gap_pct": body["perplexity_gap_pct"], "kl_mean": body["kl"]["mean"],
+                         "kl_low": body["kl"]["mean_low"], "kl_high": body["kl"]["mean_high"],
+                         "top1": body["top1_agreement"],
+                         "routing_min": min(r["agreement"] for r in body["routing"])})
+    rtn4 = next(r for r in rows if r["bits"] == "int4" and r["method"] == "RTN")
+    print(f"held-out windows: {rows[0]['windows']} x 128 tokens; bf16 perplexity {rows[0]['bf16_perplexity']:.4f}")
+    print("| bits | method | perplexity | gap | gap / RTN gap | mean KL [95%] | KL / RTN KL | top-1 | min routing |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio_gap = r["gap_pct"] / rtn4["gap_pct"] if r["bits"] == "int4" else float("nan")
+        ratio_kl = r["kl_mean"] / rtn4["kl_mean"] if r["bits"] == "int4" else float("nan")
+        print(f"| {r['bits']} | {r['method']} | {r['perplexity']:.4f} | {r['gap_pct']:+.3f}% | {ratio_gap:.2f} | "
+              f"{r['kl_mean']:.5f} [{r['kl_low']:.5f}, {r['kl_high']:.5f}] | {ratio_kl:.2f} | {100 * r['top1']:.2f}% | "
+              f"{100 * r['routing_min']:.2f}% |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
