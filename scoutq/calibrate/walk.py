@@ -163,7 +163,7 @@ class LayerWalk:
         if int(ids.max()) >= info.shape[0]:
             raise ScoutqError(f"calibration token id {int(ids.max())} is outside the embedding ({info.shape[0]} rows)")
         rows = torch.stack([read_rows(info, int(i), int(i) + 1)[0] for i in ids]).float()
-        return rows[torch.searchsorted(ids, tokens)]
+        return rows[torch.searchsorted(ids, tokens.contiguous())]
 
     # -- quantizing one module -----------------------------------------------------------------
 

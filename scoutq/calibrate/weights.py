@@ -26,9 +26,17 @@ class DenseWeights:
         self.config_path = checkpoint.directory / "config.json"
         self.groups, self.ignore = parse_quantization_config(self.config_path, qconfig) if qconfig else ([], ())
 
+    def _read(self, key: str) -> torch.Tensor:
+        """One stored tensor, as stored. Positioned reads, not safetensors' mmap: mapped pages
+        would stay resident for the whole walk, so a walk over N layers would hold N layers."""
+        info = self.checkpoint.info(key)
+        if not info.shape:
+            return self.checkpoint.read(key)
+        return read_rows(info, 0, info.shape[0])
+
     def tensor(self, key: str) -> torch.Tensor:
         """A stored tensor (norm weights, router, biases) as fp32."""
-        return self.checkpoint.read(key).float()
+        return self._read(key).float()
 
     def linear(self, module: str) -> torch.Tensor:
         """nn.Linear weight [out, in] of `module` (a key without `.weight`), fp32."""
@@ -38,7 +46,7 @@ class DenseWeights:
         group = group_for(module, self.groups, self.ignore, self.config_path) if self.groups else None
         if group is None or f"{module}.weight_packed" not in tensors:
             raise CheckpointError(f"{self.checkpoint.directory}: no weight for module {module!r}")
-        state = {s: self.checkpoint.read(f"{module}.{s}") for s in SUFFIXES if f"{module}.{s}" in tensors}
+        state = {s: self._read(f"{module}.{s}") for s in SUFFIXES if f"{module}.{s}" in tensors}
         return PackedWeight.from_state(state, group.scheme).dequantize().float()
 
     def dtype(self, module: str) -> torch.dtype:

@@ -100,7 +100,11 @@ def eval_command(
         if latency:
             from scoutq.evaluate.latency import measure_latency
 
-            latency_report = measure_latency(candidate, candidate.config.vocab_size).to_json()  # type: ignore[union-attr, operator]
+            # Speed is measured as the runtime is used: bf16 activations, whatever --dtype the
+            # quality comparison ran in (the packed CPU kernels are 5-30x slower in fp32).
+            del candidate
+            runtime = load_model(model, dtype=torch.bfloat16, backend=backend)
+            latency_report = measure_latency(runtime, runtime.config.vocab_size).to_json()
     environment = {"scoutq": _version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "device": "cpu", "dtype": "fp32" if layer_walk else dtype,
                    "backend": "layer-walk (dequantized, fp32)" if layer_walk else backend or "default"}
