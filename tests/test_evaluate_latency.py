@@ -9,31 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import random_tiny_model
 from torch import nn
 
 import scoutq
 from scoutq.errors import ScoutqError
 from scoutq.evaluate import latency
 from scoutq.evaluate.latency import LatencyReport, measure_latency, weight_bytes
-from scoutq.fixtures import presets
-from scoutq.model.config import parse_text_config
 from scoutq.model.llama4 import Llama4ForCausalLM
 
 VOCAB = 64
 
 
 def tiny_model(seed: int = 0) -> Llama4ForCausalLM:
-    """A random 4-layer, 4-expert Llama 4 in fp32, weights N(0, 0.05) from a seeded generator."""
-    raw = presets.tiny_text_config(VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    model = Llama4ForCausalLM(parse_text_config(raw))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.05, generator=generator)
-    return model.eval()
+    return random_tiny_model(VOCAB, seed=seed)
 
 
 @pytest.fixture(scope="module", autouse=True)

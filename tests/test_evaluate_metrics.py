@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import random_tiny_model
 from tokenizers import Tokenizer
 
 from scoutq.errors import ScoutqError
@@ -24,11 +25,9 @@ from scoutq.evaluate import (
     top1_agreement,
 )
 from scoutq.evaluate.metrics import Z95
-from scoutq.fixtures import presets
 from scoutq.fixtures.corpus import builtin_corpus
 from scoutq.fixtures.tokenizer import BOS, save_tokenizer, train_tokenizer
 from scoutq.fixtures.trained import token_stream
-from scoutq.model.config import parse_text_config
 from scoutq.model.llama4 import Llama4ForCausalLM
 from scoutq.model.moe import MoE
 
@@ -172,17 +171,7 @@ def test_windows_from_given_texts_and_too_little_text(tokenizer_dir: Path) -> No
 
 
 def tiny_model(top_k: int = 1, seed: int = 0) -> Llama4ForCausalLM:
-    """A random 4-layer, 4-expert Llama 4 in fp32, weights N(0, 0.05) from a seeded generator."""
-    raw = presets.tiny_text_config(VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2, num_experts_per_tok=top_k)
-    model = Llama4ForCausalLM(parse_text_config(raw))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.05, generator=generator)
-    return model.eval()
+    return random_tiny_model(VOCAB, top_k, seed)
 
 
 def random_windows(count: int = 6, length: int = 40) -> torch.Tensor:

@@ -318,7 +318,7 @@ def calibration_batch(
     if samples < 1 or seq_len < 2:
         raise ScoutqError(f"calibration needs samples >= 1 and seq_len >= 2, got samples={samples}, seq_len={seq_len}")
 
-    tokenizer = _load_tokenizer(Path(tokenizer_dir))
+    tokenizer = load_tokenizer(Path(tokenizer_dir))
     stream = token_stream(tokenizer, read_documents(cset))
     if stream.numel() < seq_len:
         raise ScoutqError(
@@ -336,10 +336,11 @@ def calibration_batch(
     return CalibrationBatch(tokens, cset.name, digest.hexdigest(), samples, seq_len, seed, stream.numel())
 
 
-def _load_tokenizer(directory: Path) -> Tokenizer:
-    file = directory / "tokenizer.json"
+def load_tokenizer(directory: Path, needed_by: str = "calibration") -> Tokenizer:
+    """The checkpoint's own tokenizer.json as a `tokenizers` Tokenizer (calibration and evaluation)."""
+    file = Path(directory) / "tokenizer.json"
     if not file.is_file():
-        raise ScoutqError(f"{directory}: no tokenizer.json; calibration needs the checkpoint's own tokenizer")
+        raise ScoutqError(f"{directory}: no tokenizer.json; {needed_by} needs the checkpoint's own tokenizer")
     try:
         return Tokenizer.from_file(str(file))
     except Exception as err:  # noqa: BLE001 - tokenizers raises a plain Exception for a bad file

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from scoutq.calibrate.weights import DenseWeights
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import ScoutqError
 from scoutq.model.moe import MoE
-from scoutq.quant.ct_schema import group_for, parse_quantization_config
-from scoutq.quant.packed import SUFFIXES, PackedWeight
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -48,33 +47,6 @@ class ErrorTables:
     shared_weight_sqnr_db: list[float] = field(default_factory=list)
     shared_output_sqnr_db: list[float] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)  # evaluation tokens routed to each expert
-
-
-class _Weights:
-    """Dense fp32 weights of one checkpoint, dequantized where it is quantized."""
-
-    def __init__(self, checkpoint: Checkpoint):
-        self.checkpoint = checkpoint
-        qconfig = checkpoint.config_json.get("quantization_config")
-        self.config_path = checkpoint.directory / "config.json"
-        self.groups, self.ignore = parse_quantization_config(self.config_path, qconfig) if qconfig else ([], ())
-
-    def linear(self, module: str) -> torch.Tensor:
-        tensors = self.checkpoint.tensors
-        if f"{module}.weight" in tensors:
-            return self.checkpoint.read(f"{module}.weight").float()
-        group = group_for(module, self.groups, self.ignore, self.config_path) if self.groups else None
-        if group is None or f"{module}.weight_packed" not in tensors:
-            raise ScoutqError(f"{self.checkpoint.directory}: no weight for module {module!r}")
-        state = {s: self.checkpoint.read(f"{module}.{s}") for s in SUFFIXES if f"{module}.{s}" in tensors}
-        return PackedWeight.from_state(state, group.scheme).dequantize().float()
-
-    def expert(self, layer: int, expert: int, proj: str) -> torch.Tensor:
-        """[out, in] of a routed expert, from fused source tensors or per-expert quantized keys."""
-        layout = self.checkpoint.layout
-        if layout.gate_up_key(layer) in self.checkpoint.tensors:
-            return self.checkpoint.read_expert(layer, expert, proj).float()  # type: ignore[arg-type]
-        return self.linear(layout.layer_key(layer, f"feed_forward.experts.{expert}.{proj}_proj"))
 
 
 def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -103,7 +75,7 @@ def _capture_moe_inputs(reference: torch.nn.Module, windows: torch.Tensor) -> di
 def error_tables(candidate_dir: Path, reference_dir: Path, reference: torch.nn.Module, windows: torch.Tensor,
                  max_windows: int = 8) -> ErrorTables:
     """Weight and output SQNR of every routed expert (and shared expert) of every MoE layer."""
-    candidate, source = _Weights(Checkpoint.open(candidate_dir)), _Weights(Checkpoint.open(reference_dir))
+    candidate, source = DenseWeights(Checkpoint.open(candidate_dir)), DenseWeights(Checkpoint.open(reference_dir))
     config = source.checkpoint.config
     if candidate.checkpoint.config.num_local_experts != config.num_local_experts:
         raise ScoutqError(f"{candidate_dir} and {reference_dir} have different numbers of experts")
@@ -119,8 +91,7 @@ def error_tables(candidate_dir: Path, reference_dir: Path, reference: torch.nn.M
         scores = torch.sigmoid(top_logits)
         weight_row, output_row, token_row = [], [], []
         for expert in range(config.num_local_experts):
-            ref_w = [source.expert(layer, expert, p) for p in PROJECTIONS]
-            cand_w = [candidate.expert(layer, expert, p) for p in PROJECTIONS]
+            ref_w, cand_w = list(source.expert(layer, expert)), list(candidate.expert(layer, expert))
             weight_row.append(sqnr_db(sum(float(w.square().sum()) for w in ref_w),
                                       sum(float((w - q).square().sum()) for w, q in zip(ref_w, cand_w, strict=True))))
             token, slot = torch.nonzero(chosen == expert, as_tuple=True)

@@ -13,31 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
+from scoutq.calibrate.sets import load_tokenizer
 from scoutq.errors import ScoutqError
 from scoutq.fixtures.corpus import builtin_corpus
-
-
-def load_tokenizer(tokenizer_dir: Path) -> Tokenizer:
-    """The `tokenizer.json` of a checkpoint directory, as a `tokenizers` Tokenizer."""
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise ScoutqError(f"{path}: missing; evaluation encodes text with the checkpoint's tokenizer.json")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as bad:  # noqa: BLE001 - tokenizers raises a plain Exception for a bad file
-        raise ScoutqError(f"{path}: cannot be read by the tokenizers library ({bad})") from None
-
-
-def encode_stream(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
-    """All documents as one 1-D int64 stream.
-
-    Each document starts with whatever the tokenizer's post-processor adds (BOS for Llama 4's
-    and the fixtures' tokenizers), which marks where one document ends and the next begins.
-    """
-    ids = [token for encoding in tokenizer.encode_batch(documents) for token in encoding.ids]
-    return torch.tensor(ids, dtype=torch.int64)
+from scoutq.fixtures.trained import token_stream
 
 
 def evaluation_windows(
@@ -63,7 +43,7 @@ def evaluation_windows(
         documents, source = builtin_corpus().evaluation, "the builtin corpus's evaluation split"
     else:
         documents, source = texts, "the given evaluation text"
-    stream = encode_stream(load_tokenizer(tokenizer_dir), documents)
+    stream = token_stream(load_tokenizer(tokenizer_dir, "evaluation"), documents)
     count = stream.numel() // seq_len
     if count == 0:
         raise ScoutqError(
