@@ -76,16 +76,19 @@ def test_calibrated_output_verifies_and_records_coverage(
     assert not (gptq_output / ".scoutq-calibration").exists()
 
 
-def test_walk_runs_the_model_math_and_counts_what_the_router_chose(tiny_trained: Path) -> None:
+@pytest.mark.parametrize("fp_target", [False, True], ids=["gptq", "gptq-fp-target"])
+def test_walk_runs_the_model_math_and_counts_what_the_router_chose(tiny_trained: Path, fp_target: bool) -> None:
     # Quantize only the last layer's experts: the walk must then carry exactly the model's own
-    # hidden states through the layers before it, and see exactly the model's routing.
+    # hidden states through the layers before it, and see exactly the model's routing. With
+    # fp_target the reference stream must be the model's own hidden states at every layer.
     checkpoint = Checkpoint.open(tiny_trained)
     config = checkpoint.config
     last = config.num_hidden_layers - 1
     recipe = Recipe.model_validate({
         "name": "last", "method": "gptq",
         "rules": [{"targets": [f"re:.*layers\\.{last}\\.feed_forward\\.experts\\..*"],
-                   "weights": {"bits": 4, "group_size": 128}}]})
+                   "weights": {"bits": 4, "group_size": 128}}],
+        "gptq": {"fp_target": fp_target}})
     batch = calibration_batch(load_calibration_set("builtin"), tiny_trained, samples=4, seq_len=48, seed=3)
     walk = LayerWalk(checkpoint, build_plan(checkpoint, recipe), WalkSettings.from_recipe(recipe))
 
@@ -100,18 +103,25 @@ def test_walk_runs_the_model_math_and_counts_what_the_router_chose(tiny_trained:
     for hook in hooks:
         hook.remove()
 
-    hidden = walk.embed(batch.tokens)
-    torch.testing.assert_close(hidden, model.embed_tokens(batch.tokens), rtol=0, atol=0)
+    hidden = walk.start(batch.tokens)
+    torch.testing.assert_close(hidden.quantized, model.embed_tokens(batch.tokens), rtol=0, atol=0)
+    assert (hidden.reference is not None) == fp_target
     for layer in range(config.num_hidden_layers):
         hidden, result = walk.layer(layer, hidden)
         chosen = torch.topk(routers[layer], config.num_experts_per_tok, dim=-1).indices.reshape(-1)
         counts = torch.bincount(chosen, minlength=config.num_local_experts).tolist()
         assert [e.routed_tokens for e in result.experts] == counts
+        if hidden.reference is not None:
+            torch.testing.assert_close(hidden.reference, captured[layer], rtol=1e-5, atol=1e-5)
         if layer < last:
             assert not result.quantized
-            torch.testing.assert_close(hidden, captured[layer], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(hidden.quantized, captured[layer], rtol=1e-5, atol=1e-5)
+            if hidden.reference is not None:  # nothing quantized yet: the two streams are one
+                assert torch.equal(hidden.reference, hidden.quantized)
         else:
             assert len(result.quantized) == 3 * config.num_local_experts
+            if hidden.reference is not None:
+                assert not torch.equal(hidden.reference, hidden.quantized)
 
 
 def test_same_command_twice_gives_identical_bytes(
@@ -122,12 +132,19 @@ def test_same_command_twice_gives_identical_bytes(
     assert file_hashes(tmp_path / "again") == file_hashes(gptq_output)
 
 
+@pytest.mark.parametrize("recipe", ["w4a16-g128-gptq", "w4a16-g128-gptaq"])
 def test_killed_calibration_resumes_to_identical_output(
-    gptq_output: Path, tiny_trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    recipe: str, gptq_output: Path, tiny_trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # GPTAQ carries a second (reference) stream of hidden states: it must be resumed too.
+    uninterrupted = gptq_output
+    if recipe != "w4a16-g128-gptq":
+        uninterrupted = tmp_path / "uninterrupted"
+        code, _, err = quantize(capsys, tiny_trained, uninterrupted, recipe, *SMALL)
+        assert code == 0, err
     dst = tmp_path / "killed"
     env = {**os.environ, FAULT_ENV: "2", "NO_COLOR": "1"}
-    command = [sys.executable, "-m", "scoutq.cli.app", "quantize", str(tiny_trained), "--recipe", "w4a16-g128-gptq",
+    command = [sys.executable, "-m", "scoutq.cli.app", "quantize", str(tiny_trained), "--recipe", recipe,
                "--out", str(dst), *SMALL]
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -136,9 +153,11 @@ def test_killed_calibration_resumes_to_identical_output(
     finished = {p.name: p.stat().st_mtime_ns for p in (dst / ".scoutq-calibration").glob("layer-*.safetensors")}
     assert sorted(finished) == ["layer-0000.safetensors", "layer-0001.safetensors"]
 
-    code, _, err = quantize(capsys, tiny_trained, dst, "w4a16-g128-gptq", *SMALL)
+    code, _, err = quantize(capsys, tiny_trained, dst, recipe, *SMALL)
     assert code == 0, err
-    assert file_hashes(dst) == file_hashes(gptq_output)
+    assert file_hashes(dst) == file_hashes(uninterrupted)
+    if recipe != "w4a16-g128-gptq":  # and it is a different quantization from plain GPTQ's
+        assert file_hashes(dst)["model.safetensors"] != file_hashes(gptq_output)["model.safetensors"]
 
 
 def test_below_min_tokens_falls_back_visibly(tiny_trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -7,7 +7,7 @@ import torch
 
 from scoutq.quant import primitives, reference
 from scoutq.quant.clip import ClipOptions, clip_quantize, search_qparams, weighted_error
-from scoutq.quant.gptq import GptqOptions, gptq_quantize
+from scoutq.quant.gptq import GptqOptions, fp_target_weight, gptq_quantize
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.rtn import rtn_quantize
 from scoutq.quant.scheme import Scheme
@@ -105,6 +105,54 @@ def test_gptq_refuses_nan_weights() -> None:
     w[3, 4] = float("nan")
     with pytest.raises(ScoutqError, match="expert 2.*NaN"):
         gptq_quantize(w, torch.eye(32), Scheme(4, 32, True), what="expert 2")
+
+
+def drifted(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """x as an upstream-quantized path sees it: the same tokens, a small correlated error."""
+    generator = torch.Generator().manual_seed(seed)
+    return x + 0.1 * x @ torch.randn(x.shape[1], x.shape[1], generator=generator) / x.shape[1] ** 0.5
+
+
+def test_fp_target_weight_matches_the_least_squares_twin() -> None:
+    w = weight(24, 64, 10).float()
+    x_reference = correlated_inputs(400, 64, 11)
+    x = drifted(x_reference, 12)
+    for damp in (0.01, 0.1, 1.0):
+        fast = fp_target_weight(w, x.t() @ x, x.t() @ x_reference, damp)
+        slow = reference.fp_target_weight(w, x, x_reference, damp)
+        torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-5)
+
+
+def test_fp_target_weight_is_the_source_weight_without_drift() -> None:
+    # Both streams equal: the source weight already reproduces the source output exactly.
+    w = weight(24, 64, 13).float()
+    x = correlated_inputs(400, 64, 14)
+    hessian = x.t() @ x
+    torch.testing.assert_close(fp_target_weight(w, hessian, hessian, 0.1), w, rtol=1e-3, atol=1e-5)
+    # Heavy dampening pulls the target back to W whatever the drift.
+    far = fp_target_weight(w, hessian, x.t() @ drifted(x, 15), 1e6)
+    torch.testing.assert_close(far, w, rtol=1e-3, atol=1e-5)
+    # No inputs at all: nothing to match.
+    assert torch.equal(fp_target_weight(w, torch.zeros(64, 64), torch.zeros(64, 64), 0.1), w)
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 32, True), Scheme(8, None, True)], ids=lambda s: s.describe())
+def test_fp_target_gptq_reproduces_the_source_output_better(scheme: Scheme) -> None:
+    # What GPTAQ is for: on drifted inputs, GPTQ of the fp target matches the source model's
+    # output (x_reference W^T) more closely than GPTQ of W does.
+    w = weight(48, 128, 16)
+    x_reference = correlated_inputs(1024, 128, 17)
+    x = drifted(x_reference, 18)
+    wanted = x_reference @ w.float().t()
+
+    def error(packed: PackedWeight) -> float:
+        return float((x @ packed.dequantize().float().t() - wanted).square().sum() / wanted.square().sum())
+
+    hessian = x.t() @ x
+    plain = gptq_quantize(w, hessian, scheme)
+    target = fp_target_weight(w, hessian, x.t() @ x_reference, 0.01)
+    aware = gptq_quantize(target, hessian, scheme, scale_dtype=torch.bfloat16)
+    assert error(aware) < 0.6 * error(plain), (error(aware), error(plain))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())

@@ -3,6 +3,7 @@
 Tolerances are on the maximum absolute error relative to the largest reference output:
   * cpu: PyTorch's packed kernels run in bf16 (activations and accumulation outputs), so
     they match to bf16 precision: 2e-2 (a bf16 ulp is 2^-8 = 3.9e-3 relative; sums add a few).
+    scoutq's native int4 kernel (bf16 activations, fp32 accumulation) is held to the same.
   * bnb: re-quantizes the weight in its own format (nf4 blocks of 64, LLM.int8), so it
     matches only to within that format's error: 2e-1 for 4-bit, 3e-2 for 8-bit.
 """
@@ -12,7 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scoutq.kernels import Backend, prepare
+import os
+import subprocess
+import sys
+
+from scoutq.kernels import Backend, native, prepare
 from scoutq.kernels.cpu import Int4CpuMatmul, Int8CpuMatmul
 from scoutq.quant.rtn import rtn_quantize
 from scoutq.quant.scheme import Scheme
@@ -47,8 +52,53 @@ def test_backend_matches_reference(backend: Backend, scheme: Scheme, tokens: int
 
 
 def test_cpu_backend_uses_packed_kernels_where_it_can() -> None:
-    assert isinstance(prepare(rtn_quantize(weight(Scheme(4, 128)), Scheme(4, 128)), Backend.CPU), Int4CpuMatmul)
+    int4 = Int4CpuMatmul if native.library() is None else native.NativeInt4Matmul
+    assert isinstance(prepare(rtn_quantize(weight(Scheme(4, 128)), Scheme(4, 128)), Backend.CPU), int4)
+    # Groups of 32 are not runs of 64: PyTorch's kernel takes them.
+    assert isinstance(prepare(rtn_quantize(weight(Scheme(4, 32)), Scheme(4, 32)), Backend.CPU), Int4CpuMatmul)
     assert isinstance(prepare(rtn_quantize(weight(Scheme(8, None)), Scheme(8, None)), Backend.CPU), Int8CpuMatmul)
+
+
+def slow_native_pack(q: torch.Tensor) -> torch.Tensor:
+    """int4_avx512.c's layout, one byte at a time: in each run of 64 inputs at k, byte j holds
+    code k + j (plus 8) in its low nibble and code k + 32 + j (plus 8) in its high nibble."""
+    out_features, in_features = q.shape
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+    for row in range(out_features):
+        for k in range(0, in_features, 64):
+            for j in range(32):
+                low, high = int(q[row, k + j]) + 8, int(q[row, k + 32 + j]) + 8
+                packed[row, k // 2 + j] = low | (high << 4)
+    return packed
+
+
+def test_native_packing_matches_its_slow_twin() -> None:
+    q = torch.randint(-8, 8, (5, 256), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    assert torch.equal(native.pack_int4(q), slow_native_pack(q))
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 128, True), Scheme(4, 128, False), Scheme(4, 64, True),
+                                    Scheme(4, 256, False), Scheme(4, None, True)], ids=Scheme.describe)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 64])
+def test_native_int4_kernel_matches_reference(scheme: Scheme, tokens: int) -> None:
+    # Direct, whatever cpu_matmul would pick; every token tile size and a ragged last tile.
+    if native.library() is None:
+        pytest.skip(f"native int4 kernel unavailable: {native.status()}")
+    packed = rtn_quantize(weight(scheme, 96, 512), scheme)
+    x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(tokens))
+    expected = prepare(packed, Backend.REFERENCE)(x)
+    got = native.NativeInt4Matmul(packed)(x)
+    error = (got - expected).abs().max().item() / expected.abs().max().item()
+    assert error <= TOLERANCE[Backend.CPU][4], f"{scheme.describe()}: relative error {error:.3g}"
+    # Leading dimensions are kept, as F.linear keeps them.
+    assert native.NativeInt4Matmul(packed)(x.view(1, tokens, 512)).shape == (1, tokens, 96)
+
+
+def test_native_kernel_can_be_switched_off() -> None:
+    probe = "from scoutq.kernels import native; print(native.library() is None, native.status())"
+    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "SCOUTQ_NATIVE": "0"},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True disabled by SCOUTQ_NATIVE=0"
 
 
 def test_reference_is_dequantize_then_matmul() -> None:

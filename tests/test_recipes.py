@@ -45,7 +45,8 @@ def plan_for(checkpoint_dir: Path, recipe_path: Path) -> QuantPlan:
 
 
 def test_the_expected_recipes_ship() -> None:
-    assert {p.stem for p in SHIPPED} >= {"w4a16-g128", "w4a16-g128-asym", "w8a16", "mixed"}
+    assert {p.stem for p in SHIPPED} >= {"w4a16-g128", "w4a16-g128-asym", "w8a16", "mixed", "w4a16-g128-gptq",
+                                        "w4a16-g128-gptaq", "w4a16-g128-clip", "w8a16-gptq"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from scoutq.cli._calibration import estimate_calibration_memory
 from scoutq.model.config import load_text_config
+from scoutq.quant.recipe import load_recipe
 
 
-def budget(source: Path, tokens: int) -> dict[str, float]:
+def budget(source: Path, tokens: int, fp_target: bool = False) -> dict[str, float]:
     """The issue's bound, in GB: hidden states + one layer's non-expert weights + one expert + its statistics."""
     config = load_text_config(source)
     hidden, width = config.hidden_size, config.intermediate_size
@@ -32,8 +33,13 @@ def budget(source: Path, tokens: int) -> dict[str, float]:
         "layer_weights_without_experts_gb": non_expert / 1e9,
         "one_expert_gb": 3 * hidden * width * 2 / 1e9,
         "one_expert_hessians_gb": (hidden * hidden + width * width) * 4 / 1e9,
-        "estimate_gb": estimate_calibration_memory(config, tokens, all_experts=False) / 1e9,
+        "estimate_gb": estimate_calibration_memory(config, tokens, all_experts=False, fp_target=fp_target) / 1e9,
     }
+
+
+def _fp_target(recipe: str) -> bool:
+    gptq = load_recipe(recipe).gptq
+    return gptq is not None and gptq.fp_target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         "exit_code": result["exit_code"],
         "seconds": result["seconds"],
         "peak_rss_gb": round(result["peak_rss_bytes"] / 1e9, 3),
-        **{key: round(value, 3) for key, value in budget(source, tokens).items()},
+        **{key: round(value, 3) for key, value in budget(source, tokens, _fp_target(args.recipe)).items()},
         "experts_below_min_tokens": len(coverage["below_min_tokens"]) if coverage else None,
     }
     print(json.dumps(report, indent=2))

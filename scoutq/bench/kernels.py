@@ -8,11 +8,19 @@ int8 and int4, uniform random routing.
 
 Reported per row: median time, speed relative to bf16, and effective weight bandwidth (bytes
 of weights the step must read / time) as a fraction of a memory read bandwidth measured in
-the same run (a sum over 512 MB of fp32).
+the same run (a sum over 512 MB of fp32). Each kernel row cycles through copies of its weight
+totalling at least ROTATE_BYTES, so a weight smaller than the last-level cache (int4 W is
+21 MB) is read from memory, as a real model's weights are, not from cache.
+
+"int4 g128" is what the cpu backend picks (scoutq's own AVX-512 BF16 kernel where it runs,
+native.py); "int4 g128 torch" is PyTorch's `_weight_int4pack_mm_for_cpu` on the same weight.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -21,12 +29,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from scoutq.kernels import Backend, prepare
+from scoutq.kernels import Backend, native, prepare
+from scoutq.kernels.cpu import Int4CpuMatmul
 from scoutq.quant.rtn import rtn_quantize
 from scoutq.quant.scheme import Scheme
 
 HIDDEN, EXPERT_WIDTH, EXPERTS = 5120, 8192, 16
 TOKENS = (1, 4, 16, 64)
+ROTATE_BYTES = 256 * 1024 * 1024  # several times any CPU's last-level cache
 
 
 @dataclass
@@ -68,20 +78,38 @@ def _packed_bytes(scheme: Scheme, out_features: int, in_features: int) -> int:
     return out_features * in_features * scheme.bits // 8 + out_features * groups * 2
 
 
+def _rotating(kernel: Callable[[torch.Tensor], torch.Tensor], nbytes: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Call copies of `kernel` (its tensors cloned) in turn, ROTATE_BYTES of weights in all."""
+    copies = [kernel]
+    for _ in range(math.ceil(ROTATE_BYTES / nbytes) - 1):
+        clone = copy.copy(kernel)
+        for name, value in vars(kernel).items():
+            if isinstance(value, torch.Tensor):
+                setattr(clone, name, value.clone())
+        copies.append(clone)
+    turn = itertools.cycle(copies)
+    return lambda x: next(turn)(x)
+
+
 def kernel_rows(with_bnb: bool = True) -> list[Row]:
     bandwidth = read_bandwidth()
     w = _weight(EXPERT_WIDTH, HIDDEN, 0)
-    w_t32 = w.float().t().contiguous()
+    fp32_copies = itertools.cycle([w.float().t().contiguous() for _ in range(math.ceil(ROTATE_BYTES / (w.numel() * 4)))])
+    bf16_copies = itertools.cycle([w.clone() for _ in range(math.ceil(ROTATE_BYTES / (w.numel() * 2)))])
     variants: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype, int]] = {
-        "fp32 mm": (lambda x: x @ w_t32, torch.float32, w.numel() * 4),
-        "bf16 linear": (lambda x: F.linear(x, w), torch.bfloat16, w.numel() * 2),
+        "fp32 mm": (lambda x: x @ next(fp32_copies), torch.float32, w.numel() * 4),
+        "bf16 linear": (lambda x: F.linear(x, next(bf16_copies)), torch.bfloat16, w.numel() * 2),
     }
     for scheme in (Scheme(8, None), Scheme(4, 128)):
-        kernel = prepare(rtn_quantize(w, scheme), Backend.CPU)
-        variants[f"int{scheme.bits} " + ("g128" if scheme.group_size else "channel")] = (kernel, torch.bfloat16, _packed_bytes(scheme, *w.shape))
+        packed = rtn_quantize(w, scheme)
+        nbytes = _packed_bytes(scheme, *w.shape)
+        name = f"int{scheme.bits} " + ("g128" if scheme.group_size else "channel")
+        variants[name] = (_rotating(prepare(packed, Backend.CPU), nbytes), torch.bfloat16, nbytes)
+        if scheme.bits == 4 and native.library() is not None:
+            variants[f"{name} torch"] = (_rotating(Int4CpuMatmul(packed), nbytes), torch.bfloat16, nbytes)
         if with_bnb:
             try:
-                bnb_kernel = prepare(rtn_quantize(w, scheme), Backend.BNB)
+                bnb_kernel = prepare(packed, Backend.BNB)
             except Exception:  # bitsandbytes missing or without a CPU path here
                 continue
             name = "bnb nf4" if scheme.bits == 4 else "bnb int8"

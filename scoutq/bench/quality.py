@@ -1,4 +1,5 @@
-"""The quality table of issue 5: bf16, RTN, clipping and GPTQ, int8 and int4, on tiny-trained.
+"""The quality table of issue 5: bf16, RTN, clipping and GPTQ (int4 also GPTQ with full-precision
+targets, GPTAQ), int8 and int4, on tiny-trained.
 
     python -m scoutq.bench.quality [--samples 128] [--seq-len 256] [--eval-windows all]
 
@@ -27,7 +28,8 @@ rules:
 calibration: {dataset: builtin, min_tokens: 32, fallback: all_experts}
 """
 CANDIDATES = [("int8", "RTN", "w8a16"), ("int8", "clip", "w8a16-clip"), ("int8", "GPTQ", "w8a16-gptq"),
-              ("int4", "RTN", "w4a16-g128"), ("int4", "clip", "w4a16-g128-clip"), ("int4", "GPTQ", "w4a16-g128-gptq")]
+              ("int4", "RTN", "w4a16-g128"), ("int4", "clip", "w4a16-g128-clip"), ("int4", "GPTQ", "w4a16-g128-gptq"),
+              ("int4", "GPTAQ", "w4a16-g128-gptaq")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
     DST/.scoutq-calibration/
         layer-0007.safetensors   layer 7's quantized modules, under their output tensor names
         hidden.safetensors       the fp32 hidden states entering the next layer to calibrate
+                                 (and the reference stream's, with fp_target)
         head.safetensors         lm_head, when the recipe quantizes it
         state.json               run identity, next layer, coverage so far (written last)
 
@@ -34,6 +35,7 @@ from scoutq.calibrate.walk import (
     ALL_EXPERTS,
     ALL_EXPERTS_FALLBACK,
     RTN_FALLBACK,
+    Hidden,
     LayerResult,
     LayerWalk,
     ProgressFn,
@@ -44,6 +46,7 @@ from scoutq.checkpoint.reader import Checkpoint
 from scoutq.checkpoint.writer import atomic_write_json
 from scoutq.pipeline.plan import QuantPlan
 from scoutq.quant.packed import PackedWeight
+from scoutq.quant.recipe import Method
 
 CALIBRATION_DIR = ".scoutq-calibration"
 COVERAGE_NAME = "coverage.json"
@@ -96,6 +99,20 @@ def _packed_state(quantized: dict[str, PackedWeight]) -> dict[str, torch.Tensor]
             for suffix, tensor in packed.state().items()}
 
 
+def _hidden_state(hidden: Hidden) -> dict[str, torch.Tensor]:
+    state = {"hidden": hidden.quantized.contiguous()}
+    if hidden.reference is not None:
+        state["reference"] = hidden.reference.contiguous()
+    return state
+
+
+def _load_hidden(directory: Path) -> Hidden:
+    with safe_open(str(directory / "hidden.safetensors"), framework="pt", device="cpu") as handle:
+        names = handle.keys()  # a safetensors handle, not a dict
+        reference = handle.get_tensor("reference") if "reference" in names else None
+        return Hidden(handle.get_tensor("hidden"), reference)
+
+
 def _layer_file(directory: Path, layer: int) -> Path:
     return directory / f"layer-{layer:04d}.safetensors"
 
@@ -135,23 +152,19 @@ def run_calibration(
     walk = LayerWalk(checkpoint, plan, run.settings, on_step)
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     if state["next_layer"] < layers or not state["head"]:
-        if state["next_layer"] == 0:
-            hidden = walk.embed(run.batch.tokens)
-        else:
-            with safe_open(str(directory / "hidden.safetensors"), framework="pt", device="cpu") as handle:
-                hidden = handle.get_tensor("hidden")
+        hidden = walk.start(run.batch.tokens) if state["next_layer"] == 0 else _load_hidden(directory)
         for layer in range(state["next_layer"], layers):
             if on_layer:
                 on_layer(layer, layers)
             hidden, result = walk.layer(layer, hidden)
             _save_atomic(_packed_state(result.quantized), _layer_file(directory, layer))
-            _save_atomic({"hidden": hidden.contiguous()}, directory / "hidden.safetensors")
+            _save_atomic(_hidden_state(hidden), directory / "hidden.safetensors")
             state["layers"].append(_coverage_entry(result))
             state["next_layer"] = layer + 1
             atomic_write_json(directory / "state.json", state)  # the commit point of this layer
             if fault_after and layer + 1 >= fault_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        head = walk.head(hidden)
+        head = walk.head(hidden.quantized)
         if head:
             _save_atomic(_packed_state(head), directory / "head.safetensors")
         state["head"] = True
@@ -184,6 +197,7 @@ def coverage_document(plan: QuantPlan, run: CalibrationRun, layers: list[dict[st
             "all_experts": settings.all_experts,
             "min_tokens": settings.min_tokens,
             "fallback": settings.fallback.value,
+            "fp_target": settings.method == Method.GPTQ and settings.gptq.fp_target,
         },
         "layers": layers,
         "below_min_tokens": below,

@@ -17,6 +17,13 @@ one expert's weights are resident; hidden states [samples, seq_len, hidden] in f
 only thing carried between layers. Arithmetic is fp32 throughout (bf16 matmuls are very slow
 on CPUs without native bf16, and statistics want the precision).
 
+Full-precision targets (recipe `gptq.fp_target`): a second stream of hidden states runs through
+the source weights beside the quantized one, and every module's statistics pair the two
+streams' inputs for the same tokens (X_q^T X_r besides X_q^T X_q). GPTQ then makes the
+quantized module reproduce the source model's output, not the source weights applied to the
+already-perturbed inputs (gptq.fp_target_weight). Routing of each stream is its own: the
+reference stream's routed outputs come from the tokens its router chose.
+
 Coverage: with top-1 routing each expert sees about 1/E of the tokens and a rare one almost
 none. Per expert the statistics come from (in order): every token, if `all_experts`; the routed
 tokens, if there are at least `min_tokens`; else the recipe's fallback (all tokens' inputs,
@@ -40,7 +47,7 @@ from scoutq.model.llama4 import Attention, rms_normalize, rope_angles
 from scoutq.model.moe import route
 from scoutq.pipeline.plan import PlannedModule, QuantPlan
 from scoutq.quant.clip import ClipOptions, clip_quantize
-from scoutq.quant.gptq import Factorized, GptqOptions, factorize, gptq_quantize
+from scoutq.quant.gptq import Factorized, GptqOptions, factorize, fp_target_weight, gptq_quantize
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.recipe import Fallback, Method, Recipe
 from scoutq.quant.rtn import rtn_quantize
@@ -82,10 +89,12 @@ class WalkSettings:
 
 
 class InputStatistics:
-    """Running X^T X (fp32) and token count of one module input."""
+    """Running X^T X (fp32) and token count of one module input; with a paired reference input
+    (the same tokens through the source weights), also X^T X_r."""
 
-    def __init__(self, features: int):
+    def __init__(self, features: int, paired: bool = False):
         self.hessian = torch.zeros(features, features)
+        self.cross = torch.zeros(features, features) if paired else None
         self.tokens = 0
         self._factorized: Factorized | None = None
 
@@ -95,16 +104,30 @@ class InputStatistics:
             self._factorized = factorize(self.hessian, options, what)
         return self._factorized
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.hessian.addmm_(x.t(), x)
+        if self.cross is not None:
+            if reference is None:
+                raise ValueError("paired statistics need the reference input")
+            self.cross.addmm_(x.t(), reference.reshape(-1, x.shape[-1]).float())
         self.tokens += x.shape[0]
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> InputStatistics:
-        stats = cls(x.shape[-1])
-        stats.add(x)
+    def of(cls, x: torch.Tensor, reference: torch.Tensor | None = None) -> InputStatistics:
+        """Statistics of x; paired with `reference` (same rows, source-weight stream) if given."""
+        stats = cls(x.shape[-1], paired=reference is not None)
+        stats.add(x, reference)
         return stats
+
+
+@dataclass
+class Hidden:
+    """Hidden states [S, T, D] fp32 carried between layers: through the quantized layers, and
+    (fp_target only) through the source weights."""
+
+    quantized: torch.Tensor
+    reference: torch.Tensor | None = None
 
 
 @dataclass
@@ -124,6 +147,24 @@ class LayerResult:
     experts: list[ExpertCoverage] = field(default_factory=list)
     tokens: int = 0
     routing: torch.Tensor | None = None  # [tokens, k] experts each token was routed to (MoE layers)
+
+
+class _ExpertGroups:
+    """(token, slot) pairs grouped by expert, as the runtime's dispatch groups them."""
+
+    def __init__(self, chosen: torch.Tensor, scores: torch.Tensor, num_experts: int):
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        self.tokens = torch.arange(chosen.shape[0]).repeat_interleave(chosen.shape[1])[order]
+        self.scores = scores.reshape(-1)[order]
+        counts = torch.bincount(flat, minlength=num_experts)
+        self.ends = torch.cumsum(counts, 0).tolist()
+
+    def of(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens routed to `expert` and their gate values."""
+        start = self.ends[expert - 1] if expert else 0
+        end = self.ends[expert]
+        return self.tokens[start:end], self.scores[start:end]
 
 
 class LayerWalk:
@@ -167,6 +208,11 @@ class LayerWalk:
 
     # -- quantizing one module -----------------------------------------------------------------
 
+    @property
+    def paired(self) -> bool:
+        """Whether a reference stream runs beside the quantized one (fp_target)."""
+        return self.settings.method == Method.GPTQ and self.settings.gptq.fp_target
+
     def _quantize(
         self, name: str, w: torch.Tensor, stats: InputStatistics | None, source_dtype: torch.dtype, result: LayerResult
     ) -> torch.Tensor:
@@ -182,105 +228,149 @@ class LayerWalk:
         if stats is None or stats.tokens == 0:
             packed = rtn_quantize(source, scheme, what=what)
         elif self.settings.method == Method.GPTQ:
-            factors = stats.factorized(self.settings.gptq, what)
-            packed = gptq_quantize(source, factors, scheme, options=self.settings.gptq, what=what)
+            options = self.settings.gptq
+            factors = stats.factorized(options, what)
+            if stats.cross is not None:
+                target = fp_target_weight(source, stats.hessian, stats.cross, options.fp_target_damp, what)
+                packed = gptq_quantize(target, factors, scheme, source_dtype, options, what)
+            else:
+                packed = gptq_quantize(source, factors, scheme, options=options, what=what)
         else:
             importance = stats.hessian.diagonal() / stats.tokens
             packed = clip_quantize(source, importance, scheme, options=self.settings.clip)
         result.quantized[name] = packed
         return packed.dequantize().float()
 
+    def _statistics(self, x: torch.Tensor, reference: torch.Tensor | None, *names: str) -> InputStatistics | None:
+        """Statistics of an input shared by `names`, if any of them is quantized."""
+        if not any(self._scheme(name) for name in names):
+            return None
+        return InputStatistics.of(x, reference if self.paired else None)
+
     # -- one decoder layer ---------------------------------------------------------------------
 
-    def layer(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, LayerResult]:
-        """Quantize layer `index` from hidden states x [S, T, D]; return the next layer's input."""
-        if not bool(torch.isfinite(x).all()):
-            raise ScoutqError(f"calibration hidden states entering layer {index} contain NaN or Inf")
+    def start(self, tokens: torch.Tensor) -> Hidden:
+        """The hidden states entering layer 0 (both streams, when paired)."""
+        x = self.embed(tokens)
+        return Hidden(x, x.clone() if self.paired else None)
+
+    def layer(self, index: int, hidden: Hidden) -> tuple[Hidden, LayerResult]:
+        """Quantize layer `index` from the hidden states [S, T, D]; return the next layer's input."""
+        x, xr = hidden.quantized, hidden.reference
+        if self.paired and xr is None:
+            raise ValueError("fp_target needs the reference stream; start the walk with LayerWalk.start")
+        for stream in (x, xr):
+            if stream is not None and not bool(torch.isfinite(stream).all()):
+                raise ScoutqError(f"calibration hidden states entering layer {index} contain NaN or Inf")
         result = LayerResult(index, tokens=x.shape[0] * x.shape[1])
         moe = self.config.is_moe_layer(index)
         steps = 2 + (self.config.num_local_experts if moe else 0)
         self.on_progress("attention", 0, steps)
-        h = x + self._attention(index, x, result)
+        attended, attended_r = self._attention(index, x, xr, result)
+        h = x + attended
+        hr = None if xr is None or attended_r is None else xr + attended_r
         self.on_progress("attention", 1, steps)
         norm = self._weight(self.layout.layer_key(index, "post_attention_layernorm.weight"))
         normed = (rms_normalize(h, self.config.rms_norm_eps) * norm).reshape(-1, h.shape[-1])
+        normed_r = None if hr is None else (rms_normalize(hr, self.config.rms_norm_eps) * norm).reshape(normed.shape)
         if moe:
-            out = self._moe(index, normed, result, steps)
+            out, out_r = self._moe(index, normed, normed_r, result, steps)
         else:
-            out = self._mlp(self.layout.layer_key(index, "feed_forward"), normed, result)
+            out, out_r = self._mlp(self.layout.layer_key(index, "feed_forward"), normed, normed_r, result)
         self.on_progress("done", steps, steps)
-        return h + out.view_as(h), result
+        following = Hidden(h + out.view_as(h), None if hr is None or out_r is None else hr + out_r.view_as(hr))
+        return following, result
 
-    def _attention(self, index: int, x: torch.Tensor, result: LayerResult) -> torch.Tensor:
+    def _attention(
+        self, index: int, x: torch.Tensor, xr: torch.Tensor | None, result: LayerResult
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output of both streams (the reference one through the source weights)."""
         config, key = self.config, lambda part: self.layout.layer_key(index, part)
         norm = self._weight(key("input_layernorm.weight"))
         normed = rms_normalize(x, config.rms_norm_eps) * norm
+        normed_r = None if xr is None else rms_normalize(xr, config.rms_norm_eps) * norm
         dtype = self.weights.dtype(key("self_attn.q_proj"))
 
+        names = {p: key(f"self_attn.{p}_proj") for p in "qkvo"}
+        biases = {p: self._weight(f"{names[p]}.bias") for p in "qkvo"} if config.attention_bias else {}
+        stats = self._statistics(normed, normed_r, names["q"], names["k"], names["v"])
+        used = {p: self._quantize(names[p], self._linear(names[p]), stats, dtype, result) for p in "qkv"}
+        o_input = self._attention_core(index, used, biases, normed)
+        del used
+        o_input_r = None  # the reference stream re-reads the source weights rather than keep them
+        if normed_r is not None:
+            source = {p: self._linear(names[p]) for p in "qkv"}
+            o_input_r = self._attention_core(index, source, biases, normed_r)
+            del source
+        o_source = self._linear(names["o"])
+        o_stats = self._statistics(o_input, o_input_r, names["o"])
+        o_weight = self._quantize(names["o"], o_source, o_stats, dtype, result)
+        bias = biases.get("o")
+        out_r = None if o_input_r is None else F.linear(o_input_r, o_source, bias)
+        return F.linear(o_input, o_weight, bias), out_r
+
+    def _attention_core(self, index: int, weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor],
+                        normed: torch.Tensor) -> torch.Tensor:
+        """Attention up to o_proj's input (o_proj is quantized after its input is known)."""
+        config = self.config
         with torch.device("meta"):
             attention = Attention(config, index)
-        stats = InputStatistics.of(normed) if any(self._scheme(key(f"self_attn.{p}_proj")) for p in "qkv") else None
-        state = {}
-        for p in "qkv":
-            state[f"{p}_proj.weight"] = self._quantize(
-                key(f"self_attn.{p}_proj"), self._linear(key(f"self_attn.{p}_proj")), stats, dtype, result
-            )
-            if config.attention_bias:
-                state[f"{p}_proj.bias"] = self._weight(key(f"self_attn.{p}_proj.bias"))
-        attention.o_proj = nn.Identity()  # the module returns o_proj's input: o_proj is quantized after it
+        attention.o_proj = nn.Identity()
+        state = {f"{p}_proj.weight": weights[p] for p in "qkv"}
+        state.update({f"{p}_proj.bias": biases[p] for p in "qkv" if p in biases})
         attention.load_state_dict(state, assign=True, strict=True)
-
-        positions = torch.arange(x.shape[1])
+        positions = torch.arange(normed.shape[1])
         rope = rope_angles(positions, config.head_dim, config.rope)
         step = self.settings.sequences_per_batch
         with torch.inference_mode():
-            o_input = torch.cat([attention(normed[s : s + step], positions, rope) for s in range(0, x.shape[0], step)])
-        o_name = key("self_attn.o_proj")
-        o_weight = self._quantize(
-            o_name,
-            self._linear(o_name),
-            InputStatistics.of(o_input) if self._scheme(o_name) else None,
-            dtype,
-            result,
-        )
-        bias = self._weight(f"{o_name}.bias") if config.attention_bias else None
-        return F.linear(o_input, o_weight, bias)
+            return torch.cat([attention(normed[s : s + step], positions, rope) for s in range(0, normed.shape[0], step)])
 
-    def _mlp(self, prefix: str, x: torch.Tensor, result: LayerResult) -> torch.Tensor:
+    def _mlp(
+        self, prefix: str, x: torch.Tensor, xr: torch.Tensor | None, result: LayerResult
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SwiGLU with quantization in order: gate and up on x's statistics, down on the
         intermediate computed with the quantized gate and up. The shared expert and dense layers."""
         names = {p: f"{prefix}.{p}_proj" for p in ("gate", "up", "down")}
         dtype = self.weights.dtype(names["gate"])
-        stats = InputStatistics.of(x) if self._scheme(names["gate"]) or self._scheme(names["up"]) else None
+        stats = self._statistics(x, xr, names["gate"], names["up"])
         gate = self._quantize(names["gate"], self._linear(names["gate"]), stats, dtype, result)
         up = self._quantize(names["up"], self._linear(names["up"]), stats, dtype, result)
         hidden = F.silu(x @ gate.t()) * (x @ up.t())
-        down_stats = InputStatistics.of(hidden) if self._scheme(names["down"]) else None
-        down = self._quantize(names["down"], self._linear(names["down"]), down_stats, dtype, result)
-        return hidden @ down.t()
+        del gate, up
+        hidden_r = None  # the reference stream re-reads the source weights rather than keep them
+        if xr is not None:
+            hidden_r = F.silu(xr @ self._linear(names["gate"]).t()) * (xr @ self._linear(names["up"]).t())
+        source_down = self._linear(names["down"])
+        down = self._quantize(names["down"], source_down, self._statistics(hidden, hidden_r, names["down"]), dtype,
+                              result)
+        return hidden @ down.t(), None if hidden_r is None else hidden_r @ source_down.t()
 
-    def _moe(self, index: int, x: torch.Tensor, result: LayerResult, steps: int) -> torch.Tensor:
+    def _moe(
+        self, index: int, x: torch.Tensor, xr: torch.Tensor | None, result: LayerResult, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         config, key = self.config, lambda part: self.layout.layer_key(index, part)
-        logits = x @ self._weight(key("feed_forward.router.weight")).t()  # full precision, always
+        router = self._weight(key("feed_forward.router.weight"))
+        logits = x @ router.t()  # full precision, always
         scores, chosen = route(logits, config.num_experts_per_tok)
         result.routing = chosen
-        out = self._mlp(key("feed_forward.shared_expert"), x, result)
+        logits_r = None if xr is None else xr @ router.t()
+        out, out_r = self._mlp(key("feed_forward.shared_expert"), x, xr, result)
 
-        # Group (token, slot) pairs by expert, as the runtime's dispatch does.
-        flat = chosen.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        tokens = torch.arange(x.shape[0]).repeat_interleave(config.num_experts_per_tok)[order]
-        token_scores = scores.reshape(-1)[order]
-        counts = torch.bincount(flat, minlength=config.num_local_experts).tolist()
-        start = 0
-        for expert, count in enumerate(counts):
+        routed = _ExpertGroups(chosen, scores, config.num_local_experts)
+        routed_r = None
+        if logits_r is not None:  # the reference stream routes by its own router logits
+            scores_r, chosen_r = route(logits_r, config.num_experts_per_tok)
+            routed_r = _ExpertGroups(chosen_r, scores_r, config.num_local_experts)
+        for expert in range(config.num_local_experts):
             self.on_progress(f"expert {expert}", 2 + expert, steps)
-            routed_tokens = tokens[start : start + count]
-            routed_inputs = x[routed_tokens] * token_scores[start : start + count, None]  # what the expert multiplies
-            start += count
-            y = self._expert(index, expert, routed_inputs, x, logits[:, expert], result)
-            out.index_add_(0, routed_tokens, y)
-        return out
+            tokens, token_scores = routed.of(expert)
+            routed_inputs = x[tokens] * token_scores[:, None]  # what the expert multiplies
+            y, expert_fn = self._expert(index, expert, tokens, routed_inputs, x, xr, logits, logits_r, result)
+            out.index_add_(0, tokens, y)
+            if out_r is not None and routed_r is not None and xr is not None:
+                tokens_r, scores_r = routed_r.of(expert)
+                out_r.index_add_(0, tokens_r, expert_fn(xr[tokens_r] * scores_r[:, None]))
+        return out, out_r
 
     def _statistics_source(self, count: int, quantized: bool) -> str:
         if not quantized:
@@ -296,27 +386,41 @@ class LayerWalk:
         self,
         index: int,
         expert: int,
+        tokens: torch.Tensor,
         routed_inputs: torch.Tensor,
         x: torch.Tensor,
-        expert_logits: torch.Tensor,
+        xr: torch.Tensor | None,
+        logits: torch.Tensor,
+        logits_r: torch.Tensor | None,
         result: LayerResult,
-    ) -> torch.Tensor:
-        """Quantize one routed expert and return its outputs for its routed tokens."""
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Quantize one routed expert; return its outputs for its routed tokens, and the source
+        expert as a function (for the reference stream)."""
         names = {
             p: self.layout.layer_key(index, f"feed_forward.experts.{expert}.{p}_proj") for p in ("gate", "up", "down")
         }
         gate_weight, up_weight, down_weight = self.weights.expert(index, expert)  # one expert resident
         dtype = self.weights.expert_dtype(index)
 
+        def source_expert(inputs: torch.Tensor) -> torch.Tensor:
+            return (F.silu(inputs @ gate_weight.t()) * (inputs @ up_weight.t())) @ down_weight.t()
+
+        def own_gate(stream_logits: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(stream_logits[:, expert].float())[:, None]
+
         policy = self._statistics_source(routed_inputs.shape[0], self._scheme(names["gate"]) is not None)
+        inputs: torch.Tensor | None = None
+        inputs_r: torch.Tensor | None = None  # the same tokens in the reference stream
         if policy in (ALL_EXPERTS, ALL_EXPERTS_FALLBACK):
             # Every token, scaled by this expert's own router score: the input it would see if chosen.
-            inputs = x * torch.sigmoid(expert_logits.float())[:, None]
+            inputs = x * own_gate(logits)
+            inputs_r = None if xr is None or logits_r is None else xr * own_gate(logits_r)
         elif policy == ROUTED:
             inputs = routed_inputs
-        else:
-            inputs = None
-        stats = InputStatistics.of(inputs) if inputs is not None and inputs.shape[0] else None
+            inputs_r = None if xr is None or logits_r is None else xr[tokens] * own_gate(logits_r[tokens])
+        stats = None
+        if inputs is not None and inputs.shape[0]:
+            stats = InputStatistics.of(inputs, inputs_r if self.paired else None)
         used = stats.tokens if stats is not None else 0
         if policy == ROUTED and used == 0:
             policy = RTN_FALLBACK
@@ -328,9 +432,12 @@ class LayerWalk:
         down_stats = None
         if stats is not None and inputs is not None:
             hidden = routed_hidden if inputs is routed_inputs else F.silu(inputs @ gate.t()) * (inputs @ up.t())
-            down_stats = InputStatistics.of(hidden)
+            hidden_r = None
+            if inputs_r is not None and self.paired:
+                hidden_r = F.silu(inputs_r @ gate_weight.t()) * (inputs_r @ up_weight.t())
+            down_stats = InputStatistics.of(hidden, hidden_r)
         down = self._quantize(names["down"], down_weight, down_stats, dtype, result)
-        return routed_hidden @ down.t()
+        return routed_hidden @ down.t(), source_expert
 
     # -- after the last layer ------------------------------------------------------------------
 

@@ -68,14 +68,15 @@ def coverage_summary(coverage: dict[str, Any]) -> None:
     console.print("coverage.json written beside the checkpoint")
 
 
-def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bool) -> int:
+def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bool, fp_target: bool = False) -> int:
     """Upper estimate of the layer walk's peak RSS, in bytes (fp32 throughout).
 
     Hidden states and their per-layer copies (input, residual, normed, attention output,
     o_proj input), the widest intermediate activation (the shared expert's over all tokens,
     or an expert's over all tokens under all_experts), one layer's non-expert weights, one
     expert's three projections with their dequantized copies, GPTQ's working copies of the
-    largest projection, and the two Hessians.
+    largest projection, and the two Hessians. fp_target adds the reference stream's hidden
+    states and intermediate, and the X^T X_r matrices beside the Hessians.
     """
     hidden, width = config.hidden_size, config.intermediate_size
     attention_out = config.num_attention_heads * config.head_dim
@@ -88,5 +89,8 @@ def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bo
     expert = 3 * hidden * width * 2  # source and dequantized
     gptq_work = 3 * hidden * width  # fp32 weight, its transposed copy, int8 codes (rounded up)
     hessians = hidden * hidden + width * width
+    if fp_target:
+        activations += tokens * (2 * hidden + width) * 4
+        hessians *= 2
     weights = (attention_weights + shared + expert + gptq_work + hessians + config.num_local_experts * hidden) * 4
     return RUNTIME_BASE_BYTES + activations + weights

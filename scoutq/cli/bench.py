@@ -35,9 +35,11 @@ def kernels(
     """One expert projection [8192 x 5120]: fp32, bf16, int8, int4 (and bitsandbytes), 1-64 tokens."""
     from scoutq.bench.kernels import as_dicts, kernel_rows
 
+    from scoutq.kernels import native
+
     with console.status("timing kernels at Scout's expert shape"):
         rows = as_dicts(kernel_rows(with_bnb=bnb))
-    _render("Expert matmul, W [8192, 5120]", rows, json)
+    _render(f"Expert matmul, W [8192, 5120]; native int4 kernel: {native.status()}", rows, json)
 
 
 @app.command("moe", epilog=EXAMPLES)

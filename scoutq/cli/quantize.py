@@ -104,7 +104,8 @@ def quantize(
         assert settings is not None
         cset = load_calibration_set(settings.dataset)
         tokens = (settings.samples or cset.samples) * (settings.seq_len or cset.seq_len)
-        calibration_peak = estimate_calibration_memory(checkpoint.config, tokens, settings.all_experts)
+        calibration_peak = estimate_calibration_memory(
+            checkpoint.config, tokens, settings.all_experts, chosen.gptq is not None and chosen.gptq.fp_target)
         peak = max(peak, calibration_peak)
     if dry_run:
         if json:

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from scoutq.calibrate.walk import LayerWalk, WalkSettings
+from scoutq.calibrate.walk import Hidden, LayerWalk, WalkSettings
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.checkpoint.rows import read_rows
 from scoutq.errors import ScoutqError
@@ -116,7 +116,7 @@ def walk_scores(path: Path, windows: torch.Tensor, top_k: int = 64, reference: T
     config = checkpoint.config
     walk = LayerWalk(checkpoint, None, WalkSettings(Method.RTN))
     inputs, targets = windows[:, :-1], windows[:, 1:].reshape(-1)
-    hidden = walk.embed(inputs)
+    hidden = Hidden(walk.embed(inputs))
     routing: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         for layer in range(config.num_hidden_layers):
@@ -127,7 +127,7 @@ def walk_scores(path: Path, windows: torch.Tensor, top_k: int = 64, reference: T
                 routing[layer] = result.routing
         reference_ids = reference.top_ids if reference is not None else None
         nll, argmax, top_ids, top_logprobs, at_reference = _head_scores(
-            checkpoint, walk, hidden.reshape(-1, hidden.shape[-1]), targets, top_k, reference_ids)
+            checkpoint, walk, hidden.quantized.reshape(-1, hidden.quantized.shape[-1]), targets, top_k, reference_ids)
     return TokenScores(windows, nll, argmax, top_ids, top_logprobs, routing,
                        None if at_reference is None else at_reference.float())
 

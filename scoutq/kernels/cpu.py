@@ -8,12 +8,16 @@ int8, per channel: `_weight_int8pack_mm(x, q, scale)` computes x @ (q * scale).T
 point, x @ ((q - z) * s).T = (x @ (q * s).T) - (x . 1) * (z * s), a rank-one correction.
 
 Both kernels want bf16 activations; fp32 activations are cast in and the result cast back.
+
+int4 weights whose groups are multiples of 64 go to scoutq's own kernel (native.py) where the
+CPU and compiler allow; PyTorch's int4 kernel is the fallback.
 """
 
 from __future__ import annotations
 
 import torch
 
+from scoutq.kernels import native
 from scoutq.kernels.reference import ReferenceMatmul
 from scoutq.quant.packed import PackedWeight
 
@@ -51,9 +55,11 @@ class Int8CpuMatmul:
         return y.to(x.dtype)
 
 
-def cpu_matmul(weight: PackedWeight) -> Int4CpuMatmul | Int8CpuMatmul | ReferenceMatmul:
+def cpu_matmul(weight: PackedWeight) -> native.NativeInt4Matmul | Int4CpuMatmul | Int8CpuMatmul | ReferenceMatmul:
     """The fastest CPU kernel for the weight's scheme (the reference where none applies)."""
     scheme = weight.scheme
+    if native.supports(weight) and native.library() is not None:
+        return native.NativeInt4Matmul(weight)
     if scheme.bits == 4 and (scheme.group_size or weight.shape[1]) in INT4_GROUPS:
         return Int4CpuMatmul(weight)
     if scheme.bits == 8 and scheme.group_size is None:

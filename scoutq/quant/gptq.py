@@ -22,6 +22,12 @@ matmul. Options:
 * mse_scales: group scales from the activation-weighted clipping search (clip.py) instead of
   each group's full range.
 
+Full-precision targets (fp_target; GPTAQ, Li et al., 2025): in a sequential walk the
+quantized path's inputs X_q differ from the source model's X_r for the same tokens. Plain GPTQ
+makes the quantized layer reproduce W on X_q, so upstream errors pass through; with fp_target
+it reproduces the source output X_r W^T instead, which compensates part of them. That is
+GPTQ on a modified weight V, the least-squares answer pulled towards W (`fp_target_weight`).
+
 Without act_order, a group's scale is taken when its first column is reached, from the weights
 as updated so far (the usual GPTQ). Arithmetic is fp32; the quantize and dequantize steps are
 primitives.py's, so the stored tensors dequantize to exactly the values the updates assumed.
@@ -46,6 +52,37 @@ class GptqOptions:
     block_size: int = 128
     act_order: bool = False
     mse_scales: bool = False
+    fp_target: bool = False  # the layer walk supplies X_q^T X_r and quantizes fp_target_weight
+    fp_target_damp: float = 0.1
+
+
+def fp_target_weight(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float,
+                     what: str = "weight") -> torch.Tensor:
+    """The weight V whose output on the quantized path's inputs best matches the source
+    output on the full-precision inputs, pulled towards W:
+
+        V = argmin ||X_q V^T - X_r W^T||^2 + lam ||V - W||^2,   lam = damp * mean(diag H)
+          = (W C + lam W) (H + lam I)^-1,   H = X_q^T X_q,  C = X_r^T X_q = cross^T
+
+    Args:
+        w: source weight [out, in].
+        hessian: X_q^T X_q [in, in].
+        cross: X_q^T X_r [in, in], rows of X_q and X_r being the same tokens.
+        damp: lam relative to H's mean diagonal; large keeps V near W (and equal as damp grows),
+            and it bounds V where H is ill-conditioned (rare experts, inputs never seen).
+    Returns V [out, in] fp32. With X_r = X_q, V = W.
+    """
+    h = hessian.float()
+    lam = damp * float(h.diagonal().mean())
+    if lam <= 0:
+        return w.float().clone()  # no inputs at all: nothing to match
+    system = h + lam * torch.eye(h.shape[0])
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise ScoutqError(f"{what}: the calibration Hessian is not positive definite with fp_target_damp {damp}")
+    wt = w.float().t()
+    right = cross.float() @ wt + lam * wt  # [in, out]
+    return torch.cholesky_solve(right, factor).t().contiguous()
 
 
 def prepare_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:

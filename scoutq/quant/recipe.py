@@ -70,6 +70,10 @@ class GptqSettings(BaseModel):
     block_size: Annotated[int, Field(gt=0)] = 128
     act_order: bool = False
     mse_scales: bool = False
+    # Match the source model's outputs on its own inputs rather than the source weights on the
+    # quantized path's inputs (GPTAQ; gptq.py). Runs a full-precision copy of the hidden states.
+    fp_target: bool = False
+    fp_target_damp: Annotated[float, Field(gt=0)] = 0.1
 
 
 class ClipSettings(BaseModel):

@@ -118,6 +118,19 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, scale_dtype: to
     return q
 
 
+def fp_target_weight(w: torch.Tensor, x: torch.Tensor, x_reference: torch.Tensor, damp: float) -> torch.Tensor:
+    """GPTAQ's target weight stated as the regression it is, from the inputs themselves: the V
+    that best maps the quantized path's inputs x [N, in] to the source output x_reference W^T,
+    with damp * mean(diag x^T x) * ||V - W||^2 added, solved as one float64 least-squares
+    problem on the stacked system [x; sqrt(lam) I] V^T = [x_reference W^T; sqrt(lam) W^T]."""
+    x64, w64 = x.double(), w.double()
+    lam = damp * float((x64 * x64).sum(0).mean())
+    root = lam**0.5 * torch.eye(x.shape[1], dtype=torch.float64)
+    system = torch.cat([x64, root])
+    target = torch.cat([x_reference.double() @ w64.t(), root @ w64.t()])
+    return torch.linalg.lstsq(system, target).solution.t().float()
+
+
 def clip_qparams(w: torch.Tensor, importance: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
                  ratios: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Activation-weighted clipping, one row and group at a time: for each ratio, qparams of the
