@@ -74,9 +74,12 @@ bench-quantize: install
 
 # The calibrated layer walk (GPTQ, 32 sequences of 512 tokens) on 2 real-Scout-shape layers:
 # wall time and peak RSS against its budget (hidden states + one layer + one expert and its
-# statistics; target at most 8 GB). Needs ~20 GB of disk.
+# statistics; target at most 8 GB). Needs ~20 GB of disk. CALIBRATE_RECIPE=w4a16-g128-gptaq
+# measures GPTQ with full-precision targets (a second stream of hidden states) instead.
+CALIBRATE_RECIPE ?= w4a16-g128-gptq
 bench-calibrate: install
-	$(BIN)/python -m scoutq.bench.calibrate --layers 2 --samples 32 --seq-len 512 --dir $(BENCH_DIR)
+	$(BIN)/python -m scoutq.bench.calibrate --layers 2 --samples 32 --seq-len 512 --recipe $(CALIBRATE_RECIPE) \
+		--dir $(BENCH_DIR)
 
 # The layer-walked eval (a w4a16-g128 quantization against its bf16 source, both walked one
 # layer at a time) on 3 real-Scout-shape layers: time and peak RSS (target at most 6 GB).

@@ -55,6 +55,7 @@ from scoutq.quant.scheme import Scheme
 
 EMBED_READ_WHOLE_BYTES = 256 * 1024 * 1024  # smaller embeddings are read whole, larger row by row
 HEAD_ROW_BLOCK = 8192  # lm_head rows quantized per call (GPTQ is independent per row)
+REFERENCE_TOKEN_BLOCK = 4096  # tokens per block of the reference stream's shared expert (fp_target)
 
 # Why an expert's statistics came from where they did (coverage.json's `policy`).
 ROUTED, ALL_EXPERTS, ALL_EXPERTS_FALLBACK, RTN_FALLBACK = (
@@ -337,13 +338,29 @@ class LayerWalk:
         up = self._quantize(names["up"], self._linear(names["up"]), stats, dtype, result)
         hidden = F.silu(x @ gate.t()) * (x @ up.t())
         del gate, up
-        hidden_r = None  # the reference stream re-reads the source weights rather than keep them
-        if xr is not None:
-            hidden_r = F.silu(xr @ self._linear(names["gate"]).t()) * (xr @ self._linear(names["up"]).t())
         source_down = self._linear(names["down"])
-        down = self._quantize(names["down"], source_down, self._statistics(hidden, hidden_r, names["down"]), dtype,
-                              result)
-        return hidden @ down.t(), None if hidden_r is None else hidden_r @ source_down.t()
+        down_stats = self._statistics(hidden, None, names["down"]) if xr is None else None
+        out_r = None
+        if xr is not None:
+            down_stats, out_r = self._reference_mlp(names, hidden, xr, source_down)
+        down = self._quantize(names["down"], source_down, down_stats, dtype, result)
+        return hidden @ down.t(), out_r
+
+    def _reference_mlp(
+        self, names: dict[str, str], hidden: torch.Tensor, xr: torch.Tensor, source_down: torch.Tensor
+    ) -> tuple[InputStatistics | None, torch.Tensor]:
+        """The reference stream through the source SwiGLU, a block of tokens at a time (its
+        intermediate is the widest activation of the walk), pairing down_proj's statistics."""
+        gate, up = self._linear(names["gate"]), self._linear(names["up"])  # re-read, not kept
+        stats = InputStatistics(hidden.shape[-1], paired=True) if self._scheme(names["down"]) else None
+        out_r = torch.empty(xr.shape[0], source_down.shape[0])
+        for start in range(0, xr.shape[0], REFERENCE_TOKEN_BLOCK):
+            end = start + REFERENCE_TOKEN_BLOCK
+            hidden_r = F.silu(xr[start:end] @ gate.t()) * (xr[start:end] @ up.t())
+            if stats is not None:
+                stats.add(hidden[start:end], hidden_r)
+            out_r[start:end] = hidden_r @ source_down.t()
+        return stats, out_r
 
     def _moe(
         self, index: int, x: torch.Tensor, xr: torch.Tensor | None, result: LayerResult, steps: int
