@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scoutq.bench._fixtures import scout_layers, scoutq_command
 from scoutq.cli._calibration import estimate_calibration_memory
 from scoutq.model.config import load_text_config
 from scoutq.quant.recipe import load_recipe
@@ -52,12 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the quantized output")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
-    scoutq = shutil.which("scoutq") or str(Path(sys.executable).with_name("scoutq"))
-    source = args.dir / f"scout-layers-{args.layers}"
-    made = subprocess.run([scoutq, "fixture", str(source), "--preset", "scout-layers", "--layers", str(args.layers),
-                           "--reuse"])
-    if made.returncode != 0:
-        raise SystemExit(f"building {source} failed")
+    scoutq = scoutq_command()
+    source = scout_layers(scoutq, args.dir, args.layers)
     out = args.dir / f"scout-layers-{args.layers}-{args.recipe}"
     shutil.rmtree(out, ignore_errors=True)
     # Progress bars go to stderr, which stays on the terminal; peak_rss prints one JSON line.

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from scoutq.bench._fixtures import scout_layers, scoutq_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=Path(".cache/scoutq/bench"))
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
-    scoutq = shutil.which("scoutq") or str(Path(sys.executable).with_name("scoutq"))
-    source = args.dir / f"scout-layers-{args.layers}"
+    scoutq = scoutq_command()
+    source = scout_layers(scoutq, args.dir, args.layers)
     quantized = args.dir / f"scout-layers-{args.layers}-{args.recipe}"
-    subprocess.run([scoutq, "fixture", str(source), "--preset", "scout-layers", "--layers", str(args.layers),
-                    "--reuse"], check=True)
     if subprocess.run([scoutq, "verify", str(quantized)], capture_output=True).returncode != 0:
         subprocess.run([scoutq, "quantize", str(source), "--recipe", args.recipe, "--out", str(quantized),
                         "--overwrite"], check=True)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from scoutq.bench._fixtures import fixture, scoutq_command
 
 INT8_CLIP = """name: w8a16-clip
 method: clip
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (recipe default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    scoutq = shutil.which("scoutq") or str(Path(sys.executable).with_name("scoutq"))
-    subprocess.run([scoutq, "fixture", str(args.source), "--preset", "tiny-trained", "--reuse"], check=True)
+    scoutq = scoutq_command()
+    fixture(scoutq, args.source, "tiny-trained")
     rows = []
     with tempfile.TemporaryDirectory(prefix="scoutq-quality-") as scratch:
         work = Path(scratch)

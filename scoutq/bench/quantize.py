@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from scoutq.bench._fixtures import scout_layers, scoutq_command
+
 
 def plain_read(files: list[Path]) -> tuple[int, float]:
     buffer = bytearray(64 * 1024 * 1024)
@@ -47,10 +49,7 @@ def safetensors_load(files: list[Path]) -> tuple[int, float]:
 
 
 def bench_one(scoutq: str, directory: Path, layers: int, recipe: str, workers: int) -> dict[str, object]:
-    source = directory / f"scout-layers-{layers}"
-    made = subprocess.run([scoutq, "fixture", str(source), "--preset", "scout-layers", "--layers", str(layers), "--reuse"])
-    if made.returncode != 0:
-        raise SystemExit(f"building {source} failed")
+    source = scout_layers(scoutq, directory, layers)
     shards = sorted(source.glob("*.safetensors"))
     read_bytes, read_seconds = plain_read(shards)
     load_bytes, load_seconds = safetensors_load(shards)
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
-    scoutq = shutil.which("scoutq") or str(Path(sys.executable).with_name("scoutq"))
+    scoutq = scoutq_command()
     rows = [bench_one(scoutq, args.dir, layers, args.recipe, args.workers) for layers in (args.layers or [1])]
     if args.json:
         print(json.dumps(rows, indent=2))

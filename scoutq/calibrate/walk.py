@@ -246,7 +246,7 @@ class LayerWalk:
         """Statistics of an input shared by `names`, if any of them is quantized."""
         if not any(self._scheme(name) for name in names):
             return None
-        return InputStatistics.of(x, reference if self.paired else None)
+        return InputStatistics.of(x, reference)
 
     # -- one decoder layer ---------------------------------------------------------------------
 
@@ -257,7 +257,8 @@ class LayerWalk:
 
     def layer(self, index: int, hidden: Hidden) -> tuple[Hidden, LayerResult]:
         """Quantize layer `index` from the hidden states [S, T, D]; return the next layer's input."""
-        x, xr = hidden.quantized, hidden.reference
+        x = hidden.quantized
+        xr = hidden.reference if self.paired else None  # from here on, xr is None unless paired
         if self.paired and xr is None:
             raise ValueError("fp_target needs the reference stream; start the walk with LayerWalk.start")
         for stream in (x, xr):
@@ -384,7 +385,7 @@ class LayerWalk:
             routed_inputs = x[tokens] * token_scores[:, None]  # what the expert multiplies
             y, expert_fn = self._expert(index, expert, tokens, routed_inputs, x, xr, logits, logits_r, result)
             out.index_add_(0, tokens, y)
-            if out_r is not None and routed_r is not None and xr is not None:
+            if routed_r is not None and out_r is not None and xr is not None:  # (all three or none)
                 tokens_r, scores_r = routed_r.of(expert)
                 out_r.index_add_(0, tokens_r, expert_fn(xr[tokens_r] * scores_r[:, None]))
         return out, out_r
@@ -437,7 +438,7 @@ class LayerWalk:
             inputs_r = None if xr is None or logits_r is None else xr[tokens] * own_gate(logits_r[tokens])
         stats = None
         if inputs is not None and inputs.shape[0]:
-            stats = InputStatistics.of(inputs, inputs_r if self.paired else None)
+            stats = InputStatistics.of(inputs, inputs_r)
         used = stats.tokens if stats is not None else 0
         if policy == ROUTED and used == 0:
             policy = RTN_FALLBACK
@@ -450,7 +451,7 @@ class LayerWalk:
         if stats is not None and inputs is not None:
             hidden = routed_hidden if inputs is routed_inputs else F.silu(inputs @ gate.t()) * (inputs @ up.t())
             hidden_r = None
-            if inputs_r is not None and self.paired:
+            if inputs_r is not None:
                 hidden_r = F.silu(inputs_r @ gate_weight.t()) * (inputs_r @ up_weight.t())
             down_stats = InputStatistics.of(hidden, hidden_r)
         down = self._quantize(names["down"], down_weight, down_stats, dtype, result)
