@@ -24,6 +24,7 @@ from scoutq.evaluate.compare import compare_models
 from scoutq.evaluate.windows import evaluation_windows
 from scoutq.model.load import load_model
 from scoutq.pipeline.plan import build_plan
+from scoutq.quant.packed import PackedWeight
 from scoutq.quant.recipe import Recipe
 from scoutq.quant.rtn import rtn_quantize
 from scoutq.quant.scheme import Scheme
@@ -122,6 +123,64 @@ def test_walk_runs_the_model_math_and_counts_what_the_router_chose(tiny_trained:
             assert len(result.quantized) == 3 * config.num_local_experts
             if hidden.reference is not None:
                 assert not torch.equal(hidden.reference, hidden.quantized)
+
+
+def _walk_first_layer(checkpoint: Checkpoint, layer: int, router_weight: float, tokens: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, PackedWeight]]:
+    recipe = Recipe.model_validate({
+        "name": "one-layer", "method": "gptq",
+        "rules": [{"targets": [f"re:.*layers\\.{layer}\\.feed_forward\\.(experts|shared_expert)\\..*"],
+                   "weights": {"bits": 4, "group_size": 128}}],
+        "gptq": {"act_order": True, "router_weight": router_weight}})
+    walk = LayerWalk(checkpoint, build_plan(checkpoint, recipe), WalkSettings.from_recipe(recipe))
+    hidden = walk.start(tokens)
+    quantized: dict[str, PackedWeight] = {}
+    for index in range(layer + 1):
+        hidden, result = walk.layer(index, hidden)
+        quantized.update(result.quantized)
+    return hidden.quantized, quantized
+
+
+def test_router_aware_rounding_cuts_the_noise_later_routers_read(tiny_trained: Path) -> None:
+    # Layer 0's experts quantized with and without router_weight: the down_proj rounding changes
+    # (gate and up do not), and the error the quantized layer leaves in the residual stream
+    # projects less onto the later routers' directions. The last layer has no later router, so
+    # there the option changes nothing.
+    checkpoint = Checkpoint.open(tiny_trained)
+    config = checkpoint.config
+    tokens = calibration_batch(load_calibration_set("builtin"), tiny_trained, samples=8, seq_len=64, seed=5).tokens
+    model = load_model(tiny_trained, dtype=torch.float32)
+    captured: list[torch.Tensor] = []
+    hook = model.layers[0].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.inference_mode():
+        model(tokens)
+    hook.remove()
+
+    plain_hidden, plain = _walk_first_layer(checkpoint, 0, 0.0, tokens)
+    aware_hidden, aware = _walk_first_layer(checkpoint, 0, 10.0, tokens)
+    assert plain.keys() == aware.keys()
+    for name in plain:
+        same = torch.equal(plain[name].packed, aware[name].packed)
+        assert same == (not name.endswith("down_proj")), name
+
+    read = checkpoint.read
+    directions = []
+    for layer in range(1, config.num_hidden_layers):
+        router = read(checkpoint.layout.layer_key(layer, "feed_forward.router.weight")).float()
+        norm = read(checkpoint.layout.layer_key(layer, "post_attention_layernorm.weight")).float()
+        directions.append((router - router.mean(0, keepdim=True)) * norm)
+    along = torch.cat(directions)
+
+    def router_noise(hidden: torch.Tensor) -> float:
+        return float(((hidden - captured[0]).reshape(-1, along.shape[1]) @ along.t()).square().sum())
+
+    # Measured at writing: 0.62x the router noise, 1.04x the total residual error.
+    assert router_noise(aware_hidden) < 0.8 * router_noise(plain_hidden), (router_noise(aware_hidden),
+                                                                           router_noise(plain_hidden))
+    last = config.num_hidden_layers - 1
+    _, plain_last = _walk_first_layer(checkpoint, last, 0.0, tokens[:2])
+    _, aware_last = _walk_first_layer(checkpoint, last, 10.0, tokens[:2])
+    assert all(torch.equal(plain_last[name].packed, aware_last[name].packed) for name in plain_last)
 
 
 def test_same_command_twice_gives_identical_bytes(

@@ -71,7 +71,7 @@ def assert_windows_of(tokens: torch.Tensor, stream: torch.Tensor) -> None:
 
 
 def test_the_expected_sets_ship() -> None:
-    assert {p.stem for p in SHIPPED} == {"wikitext2", "c4", "pile-val", "builtin"}
+    assert {p.stem for p in SHIPPED} == {"wikitext2", "c4", "pile-val", "builtin", "builtin-train"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -84,6 +84,9 @@ def test_shipped_set_loads_by_path_and_by_name(path: Path) -> None:
     if cset.source == "hub":
         assert (cset.samples, cset.seq_len) == (128, 2048)
         assert cset.dataset and cset.split and cset.text_field == "text"
+    elif cset.part == "train":
+        assert cset.source == "builtin"
+        assert (cset.samples, cset.seq_len) == (512, 256)
     else:
         assert cset.source == "builtin"
         assert (cset.samples, cset.seq_len) == (128, 256)
@@ -133,6 +136,9 @@ def test_unknown_name_lists_the_shipped_sets() -> None:
         ("source: local\n", "a local set needs path"),
         ("source: local\npath: a.csv\n", "must be a .txt, .jsonl, .parquet file"),
         ("source: builtin\ntext_field: body\n", "a builtin set does not use text_field"),
+        ("source: builtin\npart: evaluation\n", "part: Input should be 'calibration' or 'train'"),
+        ("source: local\npath: a.txt\npart: train\n", "a local set does not use part"),
+        ("source: hub\ndataset: d\nsplit: s\npart: train\n", "a hub set does not use part"),
         ("source: hub\ndataset: d\nsplit: s\nconfig: c\ndata_files: f.json\n", "config and data_files"),
         ("source: builtin\nsamples_count: 4\n", "samples_count: Extra inputs are not permitted"),
         ("source: web\n", "source: Input should be 'hub', 'local' or 'builtin'"),
@@ -168,6 +174,22 @@ def test_builtin_batch_shape_range_and_provenance(tokenizer_dir: Path, tokenizer
     assert batch.source_tokens == stream.numel() > 1000
     assert int((stream == tokenizer.token_to_id(BOS)).sum()) == len(builtin_corpus().calibration)
     assert_windows_of(batch.tokens, stream)
+
+
+def test_builtin_train_reads_the_training_part_and_keeps_old_fingerprints(
+        tokenizer_dir: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    cset = load_calibration_set("builtin-train")
+    batch = calibration_batch(cset, tokenizer_dir, samples=6, seq_len=48)
+    stream = token_stream(tokenizer, builtin_corpus().train)
+    assert batch.source_tokens == stream.numel() > 4 * token_stream(tokenizer, builtin_corpus().calibration).numel()
+    assert_windows_of(batch.tokens, stream)
+    # `part: calibration` is the default spelled out; a set without `part` hashes as it did
+    # before the field existed (the sha256 of its canonical JSON without the key).
+    implicit = write_set(tmp_path, "name: b\nsource: builtin\nsamples: 4\nseq_len: 8\n", "a.yaml")
+    explicit = write_set(tmp_path, "name: b\nsource: builtin\npart: calibration\nsamples: 4\nseq_len: 8\n", "b.yaml")
+    a, b = load_calibration_set(implicit), load_calibration_set(explicit)
+    assert read_documents(a) == read_documents(b) == builtin_corpus().calibration
+    assert '"part"' not in a.canonical_json()
 
 
 def test_builtin_batch_uses_the_set_defaults(tokenizer_dir: Path) -> None:

@@ -1,7 +1,10 @@
 """The quality table of issue 5: bf16, RTN, clipping and GPTQ (int4 also GPTQ with full-precision
-targets, GPTAQ), int8 and int4, on tiny-trained.
+targets, GPTAQ, with and without router-aware rounding), int8 and int4, on tiny-trained.
 
-    python -m scoutq.bench.quality [--samples 128] [--seq-len 256] [--eval-windows all]
+    python -m scoutq.bench.quality [--calibration builtin-train] [--samples N] [--seq-len N]
+
+Every calibrated method uses the same calibration set (default builtin-train, the most text
+available offline; each recipe's own sample count and length unless given).
 
 Quantizes the tiny-trained fixture with each method and bit width (the int8 clipping recipe
 is written on the fly; the others are shipped), then runs `scoutq eval` of each against the
@@ -19,7 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from scoutq.bench._fixtures import fixture, scoutq_command
+from scoutq.quant.recipe import resolve_recipe_path
 
 INT8_CLIP = """name: w8a16-clip
 method: clip
@@ -30,12 +36,22 @@ calibration: {dataset: builtin, min_tokens: 32, fallback: all_experts}
 """
 CANDIDATES = [("int8", "RTN", "w8a16"), ("int8", "clip", "w8a16-clip"), ("int8", "GPTQ", "w8a16-gptq"),
               ("int4", "RTN", "w4a16-g128"), ("int4", "clip", "w4a16-g128-clip"), ("int4", "GPTQ", "w4a16-g128-gptq"),
-              ("int4", "GPTAQ", "w4a16-g128-gptaq")]
+              ("int4", "GPTAQ, router-blind", "w4a16-g128-gptaq-router-blind"),
+              ("int4", "GPTAQ + router-aware", "w4a16-g128-gptaq")]
+
+
+def router_blind(recipe: Path) -> str:
+    """The shipped GPTAQ recipe with router-aware rounding off: what that option adds."""
+    body = yaml.safe_load(recipe.read_text())
+    body["name"] = "w4a16-g128-gptaq-router-blind"
+    body["gptq"]["router_weight"] = 0.0
+    return yaml.safe_dump(body, sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, default=Path(".cache/scoutq/tiny-trained"))
+    parser.add_argument("--calibration", default="builtin-train", help="calibration set for every calibrated row")
     parser.add_argument("--samples", type=int, default=None, help="calibration sequences (recipe default)")
     parser.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (recipe default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -46,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="scoutq-quality-") as scratch:
         work = Path(scratch)
         (work / "w8a16-clip.yaml").write_text(INT8_CLIP)
+        (work / "w4a16-g128-gptaq-router-blind.yaml").write_text(router_blind(resolve_recipe_path("w4a16-g128-gptaq")))
         for bits, method, recipe in CANDIDATES:
             recipe_arg = str(work / f"{recipe}.yaml") if (work / f"{recipe}.yaml").is_file() else recipe
             out = work / recipe
             command = [scoutq, "quantize", str(args.source), "--recipe", recipe_arg, "--out", str(out)]
             if method != "RTN":
-                command += [*(["--samples", str(args.samples)] if args.samples else []),
+                command += ["--calibration", args.calibration,*(["--samples", str(args.samples)] if args.samples else []),
                             *(["--seq-len", str(args.seq_len)] if args.seq_len else [])]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             report = work / f"{recipe}.json"
@@ -65,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                          "top1": body["top1_agreement"],
                          "routing_min": min(r["agreement"] for r in body["routing"])})
     rtn4 = next(r for r in rows if r["bits"] == "int4" and r["method"] == "RTN")
-    print(f"held-out windows: {rows[0]['windows']} x 128 tokens; bf16 perplexity {rows[0]['bf16_perplexity']:.4f}")
+    print(f"held-out windows: {rows[0]['windows']} x 128 tokens; bf16 perplexity {rows[0]['bf16_perplexity']:.4f}; "
+          f"calibration: {args.calibration}")
     print("| bits | method | perplexity | gap | gap / RTN gap | mean KL [95%] | KL / RTN KL | top-1 | min routing |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -198,6 +198,7 @@ def coverage_document(plan: QuantPlan, run: CalibrationRun, layers: list[dict[st
             "min_tokens": settings.min_tokens,
             "fallback": settings.fallback.value,
             "fp_target": settings.method == Method.GPTQ and settings.gptq.fp_target,
+            "router_weight": settings.gptq.router_weight if settings.method == Method.GPTQ else 0.0,
         },
         "layers": layers,
         "below_min_tokens": below,

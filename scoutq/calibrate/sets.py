@@ -12,8 +12,8 @@
     seed: 0
 
 A local set has `path` (a .txt, .jsonl or .parquet file, relative to the YAML file) instead of
-`dataset`/`config`/`split`; a builtin set has neither and uses the calibration split of the
-offline corpus. Like recipes, unknown keys are errors, and so are keys that belong to another
+`dataset`/`config`/`split`; a builtin set has neither and uses the calibration part of the
+offline corpus, or with `part: train` its training part (the text the fixtures learned from). Like recipes, unknown keys are errors, and so are keys that belong to another
 source: a hub set that also names a `path` is ambiguous, and guessing would calibrate on
 different text than the user meant.
 
@@ -49,8 +49,8 @@ OFFLINE_CHOICES = "offline, use --calibration builtin or a local .txt/.jsonl/.pa
 _HUB_KEYS = ("dataset", "config", "split", "data_files")
 _REQUIRED: dict[str, tuple[str, ...]] = {"hub": ("dataset", "split"), "local": ("path",), "builtin": ()}
 _FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "hub": ("path",),
-    "local": _HUB_KEYS,
+    "hub": ("path", "part"),
+    "local": (*_HUB_KEYS, "part"),
     "builtin": (*_HUB_KEYS, "path", "text_field"),
 }
 
@@ -72,6 +72,8 @@ class CalibrationSet(BaseModel):
     data_files: str | list[str] | None = None
     # local
     path: str | None = None
+    # builtin: which part of the offline corpus (default: calibration)
+    part: Literal["calibration", "train"] | None = None
     # hub, local .jsonl and .parquet
     text_field: str = "text"
     samples: Annotated[int, Field(gt=0)]
@@ -96,7 +98,10 @@ class CalibrationSet(BaseModel):
         return self
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        meaning = self.model_dump(mode="json")
+        if meaning["part"] is None:
+            del meaning["part"]  # sets written before `part` existed keep their fingerprints
+        return json.dumps(meaning, sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
         """sha256 of the set's meaning (not its file's formatting or comments)."""
@@ -184,7 +189,7 @@ def _load_yaml(file: Path) -> CalibrationSet:
 def read_documents(cset: CalibrationSet) -> list[str]:
     """The set's text as a list of non-empty documents."""
     if cset.source == "builtin":
-        return builtin_corpus().calibration
+        return builtin_corpus().split(cset.part or "calibration")
     if cset.source == "hub":
         return _hub_documents(cset)
     assert cset.path is not None  # guaranteed by the model validator

@@ -24,6 +24,13 @@ quantized module reproduce the source model's output, not the source weights app
 already-perturbed inputs (gptq.fp_target_weight). Routing of each stream is its own: the
 reference stream's routed outputs come from the tokens its router chose.
 
+Router-aware rounding (recipe `gptq.router_weight`): the modules that write into the residual
+stream (o_proj, down_proj) are quantized under an output metric that weighs errors along the
+later routers' directions (gptq.router_metric): those errors flip later experts' choices,
+which is where most of a top-1 MoE's divergence comes from. The directions are read once from
+the checkpoint: every MoE layer's router rows, centred over its experts, times its
+post-attention norm weight.
+
 Coverage: with top-1 routing each expert sees about 1/E of the tokens and a rare one almost
 none. Per expert the statistics come from (in order): every token, if `all_experts`; the routed
 tokens, if there are at least `min_tokens`; else the recipe's fallback (all tokens' inputs,
@@ -47,7 +54,15 @@ from scoutq.model.llama4 import Attention, rms_normalize, rope_angles
 from scoutq.model.moe import route
 from scoutq.pipeline.plan import PlannedModule, QuantPlan
 from scoutq.quant.clip import ClipOptions, clip_quantize
-from scoutq.quant.gptq import Factorized, GptqOptions, factorize, fp_target_weight, gptq_quantize
+from scoutq.quant.gptq import (
+    Factorized,
+    GptqOptions,
+    factorize,
+    fp_target_weight,
+    gptq_quantize,
+    output_coupling,
+    router_metric,
+)
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.recipe import Fallback, Method, Recipe
 from scoutq.quant.rtn import rtn_quantize
@@ -183,6 +198,8 @@ class LayerWalk:
         self.settings = settings
         self.items: dict[str, PlannedModule] = {item.module.name: item for item in plan.items} if plan else {}
         self.on_progress = on_progress or (lambda _what, _done, _total: None)
+        self._router_directions: dict[int, torch.Tensor] | None = None  # MoE layer -> [E, D]
+        self._couplings: dict[int, torch.Tensor | None] = {}  # first router layer -> coupling
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -214,11 +231,32 @@ class LayerWalk:
         """Whether a reference stream runs beside the quantized one (fp_target)."""
         return self.settings.method == Method.GPTQ and self.settings.gptq.fp_target
 
+    def _residual_coupling(self, first_layer: int) -> torch.Tensor | None:
+        """gptq.output_coupling of the router metric for a weight writing into the residual
+        stream read next by layer `first_layer`'s router; None without router_weight or routers."""
+        weight = self.settings.gptq.router_weight
+        if self.settings.method != Method.GPTQ or weight <= 0:
+            return None
+        if first_layer not in self._couplings:
+            if self._router_directions is None:
+                self._router_directions = {}
+                for layer in range(self.config.num_hidden_layers):
+                    if self.config.is_moe_layer(layer):
+                        router = self._weight(self.layout.layer_key(layer, "feed_forward.router.weight"))
+                        norm = self._weight(self.layout.layer_key(layer, "post_attention_layernorm.weight"))
+                        self._router_directions[layer] = (router - router.mean(0, keepdim=True)) * norm
+            later = [d for layer, d in self._router_directions.items() if layer >= first_layer]
+            coupling = output_coupling(router_metric(torch.cat(later), weight)) if later else None
+            self._couplings = {first_layer: coupling}  # one layer's couplings resident at a time
+        return self._couplings[first_layer]
+
     def _quantize(
-        self, name: str, w: torch.Tensor, stats: InputStatistics | None, source_dtype: torch.dtype, result: LayerResult
+        self, name: str, w: torch.Tensor, stats: InputStatistics | None, source_dtype: torch.dtype, result: LayerResult,
+        writes_residual_before: int | None = None,
     ) -> torch.Tensor:
         """Quantize module `name` if the plan says so; returns the weight the walk computes with
-        from here on (dequantized as stored, or the source weight)."""
+        from here on (dequantized as stored, or the source weight). writes_residual_before: the
+        first layer whose router reads this module's output (o_proj and down_proj)."""
         scheme = self._scheme(name)
         if scheme is None:
             return w
@@ -231,11 +269,12 @@ class LayerWalk:
         elif self.settings.method == Method.GPTQ:
             options = self.settings.gptq
             factors = stats.factorized(options, what)
+            coupling = None if writes_residual_before is None else self._residual_coupling(writes_residual_before)
             if stats.cross is not None:
                 target = fp_target_weight(source, stats.hessian, stats.cross, options.fp_target_damp, what)
-                packed = gptq_quantize(target, factors, scheme, source_dtype, options, what)
+                packed = gptq_quantize(target, factors, scheme, source_dtype, options, what, coupling)
             else:
-                packed = gptq_quantize(source, factors, scheme, options=options, what=what)
+                packed = gptq_quantize(source, factors, scheme, options=options, what=what, coupling=coupling)
         else:
             importance = stats.hessian.diagonal() / stats.tokens
             packed = clip_quantize(source, importance, scheme, options=self.settings.clip)
@@ -265,6 +304,7 @@ class LayerWalk:
             if stream is not None and not bool(torch.isfinite(stream).all()):
                 raise ScoutqError(f"calibration hidden states entering layer {index} contain NaN or Inf")
         result = LayerResult(index, tokens=x.shape[0] * x.shape[1])
+        self._residual_coupling(index + 1)  # now, while little is resident, not beside a Hessian
         moe = self.config.is_moe_layer(index)
         steps = 2 + (self.config.num_local_experts if moe else 0)
         self.on_progress("attention", 0, steps)
@@ -278,7 +318,7 @@ class LayerWalk:
         if moe:
             out, out_r = self._moe(index, normed, normed_r, result, steps)
         else:
-            out, out_r = self._mlp(self.layout.layer_key(index, "feed_forward"), normed, normed_r, result)
+            out, out_r = self._mlp(index, "feed_forward", normed, normed_r, result)
         self.on_progress("done", steps, steps)
         following = Hidden(h + out.view_as(h), None if hr is None or out_r is None else hr + out_r.view_as(hr))
         return following, result
@@ -306,7 +346,7 @@ class LayerWalk:
             del source
         o_source = self._linear(names["o"])
         o_stats = self._statistics(o_input, o_input_r, names["o"])
-        o_weight = self._quantize(names["o"], o_source, o_stats, dtype, result)
+        o_weight = self._quantize(names["o"], o_source, o_stats, dtype, result, writes_residual_before=index)
         bias = biases.get("o")
         out_r = None if o_input_r is None else F.linear(o_input_r, o_source, bias)
         return F.linear(o_input, o_weight, bias), out_r
@@ -328,11 +368,11 @@ class LayerWalk:
             return torch.cat([attention(normed[s : s + step], positions, rope) for s in range(0, normed.shape[0], step)])
 
     def _mlp(
-        self, prefix: str, x: torch.Tensor, xr: torch.Tensor | None, result: LayerResult
+        self, layer: int, module: str, x: torch.Tensor, xr: torch.Tensor | None, result: LayerResult
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SwiGLU with quantization in order: gate and up on x's statistics, down on the
         intermediate computed with the quantized gate and up. The shared expert and dense layers."""
-        names = {p: f"{prefix}.{p}_proj" for p in ("gate", "up", "down")}
+        names = {p: self.layout.layer_key(layer, f"{module}.{p}_proj") for p in ("gate", "up", "down")}
         dtype = self.weights.dtype(names["gate"])
         stats = self._statistics(x, xr, names["gate"], names["up"])
         gate = self._quantize(names["gate"], self._linear(names["gate"]), stats, dtype, result)
@@ -344,7 +384,7 @@ class LayerWalk:
         out_r = None
         if xr is not None:
             down_stats, out_r = self._reference_mlp(names, hidden, xr, source_down)
-        down = self._quantize(names["down"], source_down, down_stats, dtype, result)
+        down = self._quantize(names["down"], source_down, down_stats, dtype, result, writes_residual_before=layer + 1)
         return hidden @ down.t(), out_r
 
     def _reference_mlp(
@@ -372,7 +412,7 @@ class LayerWalk:
         scores, chosen = route(logits, config.num_experts_per_tok)
         result.routing = chosen
         logits_r = None if xr is None else xr @ router.t()
-        out, out_r = self._mlp(key("feed_forward.shared_expert"), x, xr, result)
+        out, out_r = self._mlp(index, "feed_forward.shared_expert", x, xr, result)
 
         routed = _ExpertGroups(chosen, scores, config.num_local_experts)
         routed_r = None
@@ -454,7 +494,7 @@ class LayerWalk:
             if inputs_r is not None:
                 hidden_r = F.silu(inputs_r @ gate_weight.t()) * (inputs_r @ up_weight.t())
             down_stats = InputStatistics.of(hidden, hidden_r)
-        down = self._quantize(names["down"], down_weight, down_stats, dtype, result)
+        down = self._quantize(names["down"], down_weight, down_stats, dtype, result, writes_residual_before=index + 1)
         return routed_hidden @ down.t(), source_expert
 
     # -- after the last layer ------------------------------------------------------------------

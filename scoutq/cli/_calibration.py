@@ -68,17 +68,22 @@ def coverage_summary(coverage: dict[str, Any]) -> None:
     console.print("coverage.json written beside the checkpoint")
 
 
-def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bool, fp_target: bool = False) -> int:
-    """Upper estimate of the layer walk's peak RSS, in bytes (fp32 throughout).
+def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bool, fp_target: bool = False,
+                                router_aware: bool = False) -> int:
+    """Estimate of the layer walk's peak RSS, in bytes (fp32 throughout).
 
     Hidden states and their per-layer copies (input, residual, normed, attention output,
     o_proj input), the widest intermediate activation (the shared expert's over all tokens,
     or an expert's over all tokens under all_experts), one layer's non-expert weights, one
     expert's three projections with their dequantized copies, GPTQ's working copies of the
-    largest projection, and the two Hessians. fp_target adds the reference stream's hidden
-    states and intermediate, and the X^T X_r matrices beside the Hessians.
+    largest projection, the two Hessians and the temporaries of factorising the wider one
+    (its dampened copy, the flipped copy, the Cholesky factor, its inverse and the identity
+    it solves against). fp_target adds the reference stream's hidden states and intermediate,
+    and the X^T X_r matrices beside the Hessians; router_aware the [D, D] output coupling.
     """
-    hidden, width = config.hidden_size, config.intermediate_size
+    hidden = config.hidden_size
+    dense = any(not config.is_moe_layer(layer) for layer in range(config.num_hidden_layers))
+    width = max(config.intermediate_size, config.intermediate_size_mlp if dense else 0)
     attention_out = config.num_attention_heads * config.head_dim
     kv = 2 * config.num_key_value_heads * config.head_dim
     activations = tokens * (4 * hidden + attention_out) * 4 + 2 * tokens * width * 4
@@ -89,8 +94,11 @@ def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bo
     expert = 3 * hidden * width * 2  # source and dequantized
     gptq_work = 3 * hidden * width  # fp32 weight, its transposed copy, int8 codes (rounded up)
     hessians = hidden * hidden + width * width
+    factorization = 5 * width * width
     if fp_target:
         activations += tokens * (2 * hidden + width) * 4
         hessians *= 2
-    weights = (attention_weights + shared + expert + gptq_work + hessians + config.num_local_experts * hidden) * 4
+    coupling = hidden * hidden if router_aware else 0
+    weights = (attention_weights + shared + expert + gptq_work + hessians + factorization + coupling
+               + config.num_local_experts * hidden) * 4
     return RUNTIME_BASE_BYTES + activations + weights

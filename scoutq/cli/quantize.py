@@ -69,7 +69,7 @@ def quantize(
     workers: Annotated[int, typer.Option(help="Quantization threads.", min=1)] = 2,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
     calibration: Annotated[str | None, typer.Option(
-        help="Calibration set: a calibration/*.yaml name (builtin, wikitext2, c4, pile-val), a YAML path, "
+        help="Calibration set: a calibration/*.yaml name (builtin, builtin-train, wikitext2, c4, pile-val), a YAML path, "
              "or a .txt/.jsonl/.parquet file. Overrides the recipe's.")] = None,
     samples: Annotated[int | None, typer.Option(help="Calibration sequences (overrides recipe and set).", min=1)] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sequence.", min=2)] = None,
@@ -104,8 +104,10 @@ def quantize(
         assert settings is not None
         cset = load_calibration_set(settings.dataset)
         tokens = (settings.samples or cset.samples) * (settings.seq_len or cset.seq_len)
+        gptq = chosen.gptq
         calibration_peak = estimate_calibration_memory(
-            checkpoint.config, tokens, settings.all_experts, chosen.gptq is not None and chosen.gptq.fp_target)
+            checkpoint.config, tokens, settings.all_experts, gptq is not None and gptq.fp_target,
+            gptq is not None and gptq.router_weight > 0)
         peak = max(peak, calibration_peak)
     if dry_run:
         if json:

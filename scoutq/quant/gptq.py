@@ -21,12 +21,24 @@ matmul. Options:
   is plain pack-quantized, with no g_idx permutation for runtimes to honour.
 * mse_scales: group scales from the activation-weighted clipping search (clip.py) instead of
   each group's full range.
+* router_weight, row_blocks: router-aware rounding, below.
 
 Full-precision targets (fp_target; GPTAQ, Li et al., 2025): in a sequential walk the
 quantized path's inputs X_q differ from the source model's X_r for the same tokens. Plain GPTQ
 makes the quantized layer reproduce W on X_q, so upstream errors pass through; with fp_target
 it reproduces the source output X_r W^T instead, which compensates part of them. That is
 GPTQ on a modified weight V, the least-squares answer pulled towards W (`fp_target_weight`).
+
+Router-aware rounding (router_weight; scoutq's addition): in a top-1 MoE much of the output
+divergence comes from tokens whose expert choice flips, and the routers read the residual
+stream that every down_proj writes into. Plain GPTQ treats the output rows of W alike; with an
+output metric M [out, out] the objective becomes tr(M (W - Q) H (W - Q)^T), which weighs errors
+along later routers' directions more (`router_metric`). Rows are then coupled: the exact
+sequential solution (Babai's nearest plane on M kron H) quantizes rows one by one and, once row
+r is done, moves every later row r' by -coupling[r, r'] times row r's total rounding error, with
+coupling from M's inverse Cholesky factor (`output_coupling`); within a row it is plain GPTQ.
+Rows are processed in `row_blocks` blocks, each one GPTQ sweep, which drops the coupling inside
+a block (1/row_blocks of the pairs) but keeps the Python loop at row_blocks sweeps per weight.
 
 Without act_order, a group's scale is taken when its first column is reached, from the weights
 as updated so far (the usual GPTQ). Arithmetic is fp32; the quantize and dequantize steps are
@@ -54,6 +66,8 @@ class GptqOptions:
     mse_scales: bool = False
     fp_target: bool = False  # the layer walk supplies X_q^T X_r and quantizes fp_target_weight
     fp_target_damp: float = 0.1
+    router_weight: float = 0.0  # > 0: the walk passes down_proj an output coupling (router_metric)
+    row_blocks: int = 8
 
 
 def fp_target_weight(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float,
@@ -85,6 +99,34 @@ def fp_target_weight(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor
     wt = w.float().t()
     right = cross.float() @ wt + lam * wt  # [in, out]
     return torch.cholesky_solve(right, factor).t().contiguous()
+
+
+def router_metric(directions: torch.Tensor, weight: float) -> torch.Tensor:
+    """The output metric M = I + weight * P [D, D] for a weight writing into the residual stream.
+
+    `directions` [K, D] are the later routers' rows, each router centred over its experts (top-1
+    choice depends only on logit differences) and scaled by its RMSNorm weight. P = A^T A / the
+    largest eigenvalue of A^T A, so `weight` is how much more an error along the most
+    router-sensitive direction costs than an error orthogonal to all of them. This ignores the
+    layers in between (attention, MLPs): the residual path carries the error to every later
+    router directly, and that first-order term is what the metric weights."""
+    size = directions.shape[1]
+    metric = torch.eye(size)
+    if weight <= 0 or directions.numel() == 0:
+        return metric
+    a = directions.float()
+    largest = float(torch.linalg.eigvalsh(a @ a.t()).max())  # A A^T: K x K, same spectrum
+    if largest <= 0:
+        return metric
+    metric.addmm_(a.t(), a, alpha=weight / largest)
+    return metric
+
+
+def output_coupling(metric: torch.Tensor) -> torch.Tensor:
+    """U / diag(U) row-wise, with U the upper Cholesky factor of M^-1: entry [r, r'] (r' > r) is
+    the share of row r's rounding error that row r' absorbs under the metric M."""
+    upper = inverse_cholesky(metric.float(), "output metric")
+    return upper / upper.diagonal()[:, None]
 
 
 def prepare_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -162,6 +204,7 @@ def gptq_quantize(
     scale_dtype: torch.dtype | None = None,
     options: GptqOptions = GptqOptions(),
     what: str = "weight",
+    coupling: torch.Tensor | None = None,
 ) -> PackedWeight:
     """Quantize an nn.Linear weight [out, in] given H = X^T X [in, in] of its inputs.
 
@@ -173,41 +216,87 @@ def gptq_quantize(
         scale_dtype: dtype of the stored scales (default: w's dtype).
         options: dampening, block size, activation order, scale search.
         what: names the tensor in errors.
+        coupling: `output_coupling(M)` for an output metric M [out, out]: minimise
+            tr(M (W - Q) H (W - Q)^T) instead, rows taken in `options.row_blocks` blocks.
     """
     # Error propagation drives many updates towards zero; subnormal floats take a slow path
     # on x86 (100x slower rank-one updates measured), so they are flushed to zero meanwhile.
     torch.set_flush_denormal(True)
     try:
-        return _gptq(w, hessian, scheme, scale_dtype or w.dtype, options, what)
+        return _gptq(w, hessian, scheme, scale_dtype or w.dtype, options, what, coupling)
     finally:
         torch.set_flush_denormal(False)
 
 
 def _gptq(w: torch.Tensor, hessian: torch.Tensor | Factorized, scheme: Scheme, scale_dtype: torch.dtype,
-          options: GptqOptions, what: str) -> PackedWeight:
+          options: GptqOptions, what: str, coupling: torch.Tensor | None) -> PackedWeight:
     out_features, in_features = w.shape
     group = scheme.group_size or in_features
     if in_features % group:
         raise ValueError(f"in_features {in_features} is not a multiple of group_size {group}")
+    if coupling is not None and coupling.shape != (out_features, out_features):
+        raise ValueError(f"{what}: output coupling {tuple(coupling.shape)} does not match {out_features} rows")
     factors = hessian if isinstance(hessian, Factorized) else factorize(hessian, options, what)
-    importance, order, u = factors.importance, factors.order, factors.upper
 
     # Static scales (all groups fixed before any update): per-channel, or act_order.
     static = options.act_order or scheme.group_size is None
     scales = torch.empty(out_features, in_features // group, dtype=scale_dtype)
     zeros = None if scheme.symmetric else torch.empty(out_features, in_features // group, dtype=torch.int8)
-    if static:
-        if options.mse_scales:
-            scales[:], found = search_qparams(w, importance, scheme, scale_dtype)
-        else:
-            scales[:], found = primitives.compute_qparams(w, scheme, scale_dtype)
-        if zeros is not None:
-            zeros[:] = found
-
-    weights = w.float().t()[order].contiguous()  # [in, out]: one column of W is one contiguous row
+    weights = w.float().t()[factors.order].contiguous()  # [in, out]: one column of W is one contiguous row
     q_columns = torch.empty(in_features, out_features, dtype=torch.int8)
+
+    row_blocks = 1 if coupling is None else min(options.row_blocks, out_features)
+    rows_per_block = -(-out_features // row_blocks)
+    for first in range(0, out_features, rows_per_block):
+        rows = slice(first, min(first + rows_per_block, out_features))
+        later = slice(rows.stop, out_features)
+        # The rows' weights as the earlier row blocks' errors left them (all of W when uncoupled).
+        block = weights if row_blocks == 1 else weights[:, rows].contiguous()
+        if static:
+            current = w
+            if row_blocks > 1:
+                current = torch.empty(rows.stop - rows.start, in_features)
+                current[:, factors.order] = block.t()
+            found_scales, found_zeros = _static_qparams(current, factors.importance, scheme, scale_dtype, options)
+            scales[rows] = found_scales
+            if zeros is not None:
+                zeros[rows] = found_zeros
+        feeds_later = coupling is not None and later.start < later.stop
+        start_values = block.clone() if feeds_later else None
+        dequantized = torch.empty_like(block) if feeds_later else None
+        _sweep(block, factors, scheme, scale_dtype, options, static, scales[rows],
+               None if zeros is None else zeros[rows], q_columns[:, rows], dequantized)
+        if start_values is not None and dequantized is not None and coupling is not None:
+            # Row r's whole rounding error (its start values minus what it became) reaches each
+            # later row r' scaled by coupling[r, r']: the nearest-plane step of the metric M.
+            weights[:, later].addmm_(start_values - dequantized, coupling[rows, later], alpha=-1.0)
+
+    if not bool(torch.isfinite(scales.float()).all()):
+        raise ScoutqError(f"{what} contains NaN or Inf; refusing to quantize it")
+    q = torch.empty_like(q_columns)
+    q[factors.order] = q_columns
+    return PackedWeight.from_quantized(q.t().contiguous(), scales, zeros, scheme)
+
+
+def _static_qparams(w: torch.Tensor, importance: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
+                    options: GptqOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if options.mse_scales:
+        return search_qparams(w, importance, scheme, scale_dtype)
+    return primitives.compute_qparams(w, scheme, scale_dtype)
+
+
+def _sweep(weights: torch.Tensor, factors: Factorized, scheme: Scheme, scale_dtype: torch.dtype,
+           options: GptqOptions, static: bool, scales: torch.Tensor, zeros: torch.Tensor | None,
+           q_columns: torch.Tensor, dequantized: torch.Tensor | None) -> None:
+    """The column loop over one set of rows. weights [in, rows] in processing order, updated in
+    place; fills q_columns [in, rows] (and dequantized, if given), and the scales (and zeros) of
+    each group as it is reached when they are not static."""
+    importance, order, u = factors.importance, factors.order, factors.upper
+    in_features = weights.shape[0]
+    group = scheme.group_size or in_features
     # Without static scales, blocks hold whole groups, so a group's scale is taken inside one block.
     block = options.block_size if static else max(group, options.block_size // group * group)
+    one_group = Scheme(scheme.bits, None, scheme.symmetric)
 
     for start in range(0, in_features, block):
         end = min(start + block, in_features)
@@ -218,25 +307,19 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor | Factorized, scheme: Scheme, s
             column = int(order[start + i])
             g = column // group
             if not static and column % group == 0:
-                values = current[i : i + group].t()  # [out, group], as updated so far
+                values = current[i : i + group].t()  # [rows, group], as updated so far
                 if options.mse_scales:
-                    scale, zero = search_qparams(values, importance[column : column + group],
-                                                 Scheme(scheme.bits, None, scheme.symmetric), scale_dtype)
+                    scale, zero = search_qparams(values, importance[column : column + group], one_group, scale_dtype)
                 else:
-                    scale, zero = primitives.compute_qparams(values, Scheme(scheme.bits, None, scheme.symmetric),
-                                                             scale_dtype)
+                    scale, zero = primitives.compute_qparams(values, one_group, scale_dtype)
                 scales[:, g] = scale[:, 0]
                 if zeros is not None and zero is not None:
                     zeros[:, g] = zero[:, 0]
             q, dq = _quantize_column(current[i], scales[:, g], None if zeros is None else zeros[:, g], scheme)
             q_columns[start + i] = q
+            if dequantized is not None:
+                dequantized[start + i] = dq
             err = (current[i] - dq) / u_block[i, i]
             current[i + 1 :].addr_(u_block[i, i + 1 :], err, alpha=-1.0)
             errors[i] = err
         weights[end:].addmm_(u[start:end, end:].t(), errors, alpha=-1.0)
-
-    if not bool(torch.isfinite(scales.float()).all()):
-        raise ScoutqError(f"{what} contains NaN or Inf; refusing to quantize it")
-    q = torch.empty_like(q_columns)
-    q[order] = q_columns
-    return PackedWeight.from_quantized(q.t().contiguous(), scales, zeros, scheme)

@@ -74,6 +74,10 @@ class GptqSettings(BaseModel):
     # quantized path's inputs (GPTAQ; gptq.py). Runs a full-precision copy of the hidden states.
     fp_target: bool = False
     fp_target_damp: Annotated[float, Field(gt=0)] = 0.1
+    # Router-aware rounding of the weights writing into the residual stream (o_proj, down_proj):
+    # errors along later routers' directions cost 1 + router_weight times more (gptq.py). 0: off.
+    router_weight: Annotated[float, Field(ge=0)] = 0.0
+    row_blocks: Annotated[int, Field(gt=0)] = 8
 
 
 class ClipSettings(BaseModel):

@@ -118,6 +118,39 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, scale_dtype: to
     return q
 
 
+def gptq_output_metric(w: torch.Tensor, hessian: torch.Tensor, metric: torch.Tensor, scheme: Scheme,
+                       scale_dtype: torch.dtype, damp: float) -> torch.Tensor:
+    """GPTQ with an output metric M, stated directly: the objective vec(E)^T (M kron H) vec(E)
+    over every weight at once (E = W - Q, rows in order), solved by the same float64 Schur
+    complement step as `gptq`, one weight at a time, row by row. A group's scale is taken from
+    its row's values as updated when its first column is reached. Returns q int8 [out, in]."""
+    out_features, in_features = w.shape
+    size = scheme.group_size or in_features
+    one = Scheme(scheme.bits, None, scheme.symmetric)
+    h = hessian.double().clone()
+    for j in range(in_features):
+        if h[j, j] == 0:
+            h[j, j] = 1.0
+    h += damp * float(h.diagonal().mean()) * torch.eye(in_features, dtype=torch.float64)
+    inverse = torch.linalg.inv(torch.kron(metric.double(), h))
+    weights = w.double().reshape(-1).clone()
+    q = torch.empty(out_features * in_features, dtype=torch.int8)
+    scale = zero = None
+    for v in range(out_features * in_features):
+        j = v % in_features
+        if j % size == 0:
+            scale, zero = qparams(weights[v : v + size].float()[None, :], one, scale_dtype)
+        assert scale is not None
+        value = quantize(weights[v : v + 1].float()[None, :], scale, zero, one)[0, 0]
+        q[v] = value
+        shifted = value.to(scale_dtype) - (0 if zero is None else zero[0, 0].to(scale_dtype))
+        dequantized = float(shifted * scale[0, 0])
+        error = (weights[v] - dequantized) / inverse[v, v]
+        weights[v:] -= error * inverse[v, v:]
+        inverse -= inverse[:, v : v + 1] @ inverse[v : v + 1, :] / inverse[v, v]
+    return q.view(out_features, in_features)
+
+
 def fp_target_weight(w: torch.Tensor, x: torch.Tensor, x_reference: torch.Tensor, damp: float) -> torch.Tensor:
     """GPTAQ's target weight stated as the regression it is, from the inputs themselves: the V
     that best maps the quantized path's inputs x [N, in] to the source output x_reference W^T,
