@@ -247,7 +247,9 @@ class LayerWalk:
                         self._router_directions[layer] = (router - router.mean(0, keepdim=True)) * norm
             later = [d for layer, d in self._router_directions.items() if layer >= first_layer]
             coupling = output_coupling(router_metric(torch.cat(later), weight)) if later else None
-            self._couplings = {first_layer: coupling}  # one layer's couplings resident at a time
+            # At most two resident: o_proj's (routers from this layer on) and down_proj's (after it).
+            self._couplings = {k: v for k, v in self._couplings.items() if k >= first_layer - 1}
+            self._couplings[first_layer] = coupling
         return self._couplings[first_layer]
 
     def _quantize(

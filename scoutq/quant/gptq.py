@@ -37,7 +37,8 @@ along later routers' directions more (`router_metric`). Rows are then coupled: t
 sequential solution (Babai's nearest plane on M kron H) quantizes rows one by one and, once row
 r is done, moves every later row r' by -coupling[r, r'] times row r's total rounding error, with
 coupling from M's inverse Cholesky factor (`output_coupling`); within a row it is plain GPTQ.
-Rows are processed in `row_blocks` blocks, each one GPTQ sweep, which drops the coupling inside
+Rows are processed in `row_blocks` blocks, each one GPTQ sweep (static scales are taken per
+block, from its rows as the earlier blocks left them), which drops the coupling inside
 a block (1/row_blocks of the pairs) but keeps the Python loop at row_blocks sweeps per weight.
 
 Without act_order, a group's scale is taken when its first column is reached, from the weights
