@@ -51,7 +51,7 @@ from scoutq.checkpoint.reader import Checkpoint
 from scoutq.checkpoint.rows import read_rows
 from scoutq.errors import ScoutqError
 from scoutq.model.llama4 import Attention, rms_normalize, rope_angles
-from scoutq.model.moe import route
+from scoutq.model.moe import route, swiglu_intermediate
 from scoutq.pipeline.plan import PlannedModule, QuantPlan
 from scoutq.quant.clip import ClipOptions, clip_quantize
 from scoutq.quant.gptq import (
@@ -239,18 +239,24 @@ class LayerWalk:
             return None
         if first_layer not in self._couplings:
             if self._router_directions is None:
-                self._router_directions = {}
-                for layer in range(self.config.num_hidden_layers):
-                    if self.config.is_moe_layer(layer):
-                        router = self._weight(self.layout.layer_key(layer, "feed_forward.router.weight"))
-                        norm = self._weight(self.layout.layer_key(layer, "post_attention_layernorm.weight"))
-                        self._router_directions[layer] = (router - router.mean(0, keepdim=True)) * norm
+                self._router_directions = self._read_router_directions()
             later = [d for layer, d in self._router_directions.items() if layer >= first_layer]
             coupling = output_coupling(router_metric(torch.cat(later), weight)) if later else None
             # At most two resident: o_proj's (routers from this layer on) and down_proj's (after it).
             self._couplings = {k: v for k, v in self._couplings.items() if k >= first_layer - 1}
             self._couplings[first_layer] = coupling
         return self._couplings[first_layer]
+
+    def _read_router_directions(self) -> dict[int, torch.Tensor]:
+        """Per MoE layer, its router rows centred over experts, times its post-attention norm
+        weight: the residual-stream directions whose errors move that router's choice [E, D]."""
+        directions = {}
+        for layer in range(self.config.num_hidden_layers):
+            if self.config.is_moe_layer(layer):
+                router = self._weight(self.layout.layer_key(layer, "feed_forward.router.weight"))
+                norm = self._weight(self.layout.layer_key(layer, "post_attention_layernorm.weight"))
+                directions[layer] = (router - router.mean(0, keepdim=True)) * norm
+        return directions
 
     def _quantize(
         self, name: str, w: torch.Tensor, stats: InputStatistics | None, source_dtype: torch.dtype, result: LayerResult,
@@ -272,11 +278,10 @@ class LayerWalk:
             options = self.settings.gptq
             factors = stats.factorized(options, what)
             coupling = None if writes_residual_before is None else self._residual_coupling(writes_residual_before)
+            target = source
             if stats.cross is not None:
                 target = fp_target_weight(source, stats.hessian, stats.cross, options.fp_target_damp, what)
-                packed = gptq_quantize(target, factors, scheme, source_dtype, options, what, coupling)
-            else:
-                packed = gptq_quantize(source, factors, scheme, options=options, what=what, coupling=coupling)
+            packed = gptq_quantize(target, factors, scheme, source_dtype, options, what, coupling)
         else:
             importance = stats.hessian.diagonal() / stats.tokens
             packed = clip_quantize(source, importance, scheme, options=self.settings.clip)
@@ -379,7 +384,7 @@ class LayerWalk:
         stats = self._statistics(x, xr, names["gate"], names["up"])
         gate = self._quantize(names["gate"], self._linear(names["gate"]), stats, dtype, result)
         up = self._quantize(names["up"], self._linear(names["up"]), stats, dtype, result)
-        hidden = F.silu(x @ gate.t()) * (x @ up.t())
+        hidden = swiglu_intermediate(x, gate, up)
         del gate, up
         source_down = self._linear(names["down"])
         down_stats = self._statistics(hidden, None, names["down"]) if xr is None else None
@@ -399,7 +404,7 @@ class LayerWalk:
         out_r = torch.empty(xr.shape[0], source_down.shape[0])
         for start in range(0, xr.shape[0], REFERENCE_TOKEN_BLOCK):
             end = start + REFERENCE_TOKEN_BLOCK
-            hidden_r = F.silu(xr[start:end] @ gate.t()) * (xr[start:end] @ up.t())
+            hidden_r = swiglu_intermediate(xr[start:end], gate, up)
             if stats is not None:
                 stats.add(hidden[start:end], hidden_r)
             out_r[start:end] = hidden_r @ source_down.t()
@@ -463,7 +468,7 @@ class LayerWalk:
         dtype = self.weights.expert_dtype(index)
 
         def source_expert(inputs: torch.Tensor) -> torch.Tensor:
-            return (F.silu(inputs @ gate_weight.t()) * (inputs @ up_weight.t())) @ down_weight.t()
+            return swiglu_intermediate(inputs, gate_weight, up_weight) @ down_weight.t()
 
         def own_gate(stream_logits: torch.Tensor) -> torch.Tensor:
             return torch.sigmoid(stream_logits[:, expert].float())[:, None]
@@ -488,13 +493,11 @@ class LayerWalk:
 
         gate = self._quantize(names["gate"], gate_weight, stats, dtype, result)
         up = self._quantize(names["up"], up_weight, stats, dtype, result)
-        routed_hidden = F.silu(routed_inputs @ gate.t()) * (routed_inputs @ up.t())
+        routed_hidden = swiglu_intermediate(routed_inputs, gate, up)
         down_stats = None
         if stats is not None and inputs is not None:
-            hidden = routed_hidden if inputs is routed_inputs else F.silu(inputs @ gate.t()) * (inputs @ up.t())
-            hidden_r = None
-            if inputs_r is not None:
-                hidden_r = F.silu(inputs_r @ gate_weight.t()) * (inputs_r @ up_weight.t())
+            hidden = routed_hidden if inputs is routed_inputs else swiglu_intermediate(inputs, gate, up)
+            hidden_r = None if inputs_r is None else swiglu_intermediate(inputs_r, gate_weight, up_weight)
             down_stats = InputStatistics.of(hidden, hidden_r)
         down = self._quantize(names["down"], down_weight, down_stats, dtype, result, writes_residual_before=index + 1)
         return routed_hidden @ down.t(), source_expert

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from scoutq.calibrate.weights import DenseWeights
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import ScoutqError
-from scoutq.model.moe import MoE
+from scoutq.model.moe import MoE, swiglu_intermediate
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -50,7 +49,7 @@ class ErrorTables:
 
 
 def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
+    return swiglu_intermediate(x, gate, up) @ down.t()
 
 
 def _capture_moe_inputs(reference: torch.nn.Module, windows: torch.Tensor) -> dict[int, torch.Tensor]:

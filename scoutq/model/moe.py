@@ -22,6 +22,12 @@ from scoutq.model.config import TextConfig
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+def swiglu_intermediate(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T): a SwiGLU's intermediate from nn.Linear weights [out, in]
+    (the calibration walk and the error report compute with bare weights, not modules)."""
+    return F.silu(x @ gate.t()) * (x @ up.t())
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). The shared expert and dense layers."""
 
