@@ -78,15 +78,18 @@ def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bo
     expert's three projections with their dequantized copies, GPTQ's working copies of the
     largest projection, the two Hessians and the temporaries of factorising the wider one
     (its dampened copy, the flipped copy, the Cholesky factor, its inverse and the identity
-    it solves against). fp_target adds the reference stream's hidden states and intermediate,
-    and the X^T X_r matrices beside the Hessians; router_aware the [D, D] output coupling.
+    it solves against). fp_target adds the reference stream's copies of the same activations,
+    the X^T X_r matrices beside the Hessians, and the least-squares solve for the target weight
+    (H's dampened copy, its Cholesky factor, the right-hand side and the solution, for the wider
+    projection); router_aware the [D, D] output coupling.
     """
     hidden = config.hidden_size
     dense = any(not config.is_moe_layer(layer) for layer in range(config.num_hidden_layers))
     width = max(config.intermediate_size, config.intermediate_size_mlp if dense else 0)
     attention_out = config.num_attention_heads * config.head_dim
     kv = 2 * config.num_key_value_heads * config.head_dim
-    activations = tokens * (4 * hidden + attention_out) * 4 + 2 * tokens * width * 4
+    stream = tokens * (4 * hidden + attention_out) * 4 + tokens * width * 4  # one stream's copies
+    activations = stream + tokens * width * 4  # and the intermediate GPTQ's down_proj statistics read
     if all_experts:
         activations += tokens * (hidden + width) * 4
     attention_weights = hidden * (2 * attention_out + kv)
@@ -96,8 +99,9 @@ def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bo
     hessians = hidden * hidden + width * width
     factorization = 5 * width * width
     if fp_target:
-        activations += tokens * (2 * hidden + width) * 4
+        activations += stream
         hessians *= 2
+        factorization += 2 * width * width + 2 * hidden * width
     coupling = hidden * hidden if router_aware else 0
     weights = (attention_weights + shared + expert + gptq_work + hessians + factorization + coupling
                + config.num_local_experts * hidden) * 4
