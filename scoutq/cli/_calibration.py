@@ -88,8 +88,8 @@ def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bo
     width = max(config.intermediate_size, config.intermediate_size_mlp if dense else 0)
     attention_out = config.num_attention_heads * config.head_dim
     kv = 2 * config.num_key_value_heads * config.head_dim
-    stream = tokens * (4 * hidden + attention_out) * 4 + tokens * width * 4  # one stream's copies
-    activations = stream + tokens * width * 4  # and the intermediate GPTQ's down_proj statistics read
+    stream = tokens * (4 * hidden + attention_out) * 4 + tokens * width * 4  # one stream: hidden copies, intermediate
+    activations = stream + tokens * width * 4  # the SwiGLU's second temporary
     if all_experts:
         activations += tokens * (hidden + width) * 4
     attention_weights = hidden * (2 * attention_out + kv)
