@@ -20,10 +20,10 @@ from pathlib import Path
 from scoutq.bench._fixtures import scout_layers, scoutq_command
 from scoutq.cli._calibration import estimate_calibration_memory
 from scoutq.model.config import load_text_config
-from scoutq.quant.recipe import load_recipe
+from scoutq.quant.recipe import GptqSettings, load_recipe
 
 
-def budget(source: Path, tokens: int, fp_target: bool = False, router_aware: bool = False) -> dict[str, float]:
+def budget(source: Path, tokens: int, gptq: GptqSettings | None = None) -> dict[str, float]:
     """The issue's bound, in GB: hidden states + one layer's non-expert weights + one expert + its statistics."""
     config = load_text_config(source)
     hidden, width = config.hidden_size, config.intermediate_size
@@ -34,15 +34,10 @@ def budget(source: Path, tokens: int, fp_target: bool = False, router_aware: boo
         "layer_weights_without_experts_gb": non_expert / 1e9,
         "one_expert_gb": 3 * hidden * width * 2 / 1e9,
         "one_expert_hessians_gb": (hidden * hidden + width * width) * 4 / 1e9,
-        "estimate_gb": estimate_calibration_memory(config, tokens, all_experts=False, fp_target=fp_target,
-                                                   router_aware=router_aware) / 1e9,
+        "estimate_gb": estimate_calibration_memory(config, tokens, all_experts=False, gptq=gptq) / 1e9,
     }
 
 
-def _gptq_extras(recipe: str) -> tuple[bool, bool]:
-    """(fp_target, router-aware) of a recipe, for the memory estimate."""
-    gptq = load_recipe(recipe).gptq
-    return gptq is not None and gptq.fp_target, gptq is not None and gptq.router_weight > 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "exit_code": result["exit_code"],
         "seconds": result["seconds"],
         "peak_rss_gb": round(result["peak_rss_bytes"] / 1e9, 3),
-        **{key: round(value, 3) for key, value in budget(source, tokens, *_gptq_extras(args.recipe)).items()},
+        **{key: round(value, 3) for key, value in budget(source, tokens, load_recipe(args.recipe).gptq).items()},
         "experts_below_min_tokens": len(coverage["below_min_tokens"]) if coverage else None,
     }
     print(json.dumps(report, indent=2))

@@ -14,6 +14,7 @@ from scoutq.calibrate.job import LayerProgressFn
 from scoutq.calibrate.walk import ProgressFn
 from scoutq.cli._output import console, error_console, table
 from scoutq.model.config import TextConfig
+from scoutq.quant.recipe import GptqSettings
 
 RUNTIME_BASE_BYTES = 450 * 1024 * 1024  # Python and torch, idle
 
@@ -68,8 +69,8 @@ def coverage_summary(coverage: dict[str, Any]) -> None:
     console.print("coverage.json written beside the checkpoint")
 
 
-def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bool, fp_target: bool = False,
-                                router_aware: bool = False) -> int:
+def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bool,
+                                gptq: GptqSettings | None = None) -> int:
     """Estimate of the layer walk's peak RSS, in bytes (fp32 throughout).
 
     Hidden states and their per-layer copies (input, residual, normed, attention output,
@@ -83,6 +84,8 @@ def estimate_calibration_memory(config: TextConfig, tokens: int, all_experts: bo
     (H's dampened copy, its Cholesky factor, the right-hand side and the solution, for the wider
     projection); router_aware the [D, D] output coupling.
     """
+    fp_target = gptq is not None and gptq.fp_target
+    router_aware = gptq is not None and gptq.router_weight > 0
     hidden = config.hidden_size
     dense = any(not config.is_moe_layer(layer) for layer in range(config.num_hidden_layers))
     width = max(config.intermediate_size, config.intermediate_size_mlp if dense else 0)

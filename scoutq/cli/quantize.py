@@ -104,10 +104,7 @@ def quantize(
         assert settings is not None
         cset = load_calibration_set(settings.dataset)
         tokens = (settings.samples or cset.samples) * (settings.seq_len or cset.seq_len)
-        gptq = chosen.gptq
-        calibration_peak = estimate_calibration_memory(
-            checkpoint.config, tokens, settings.all_experts, gptq is not None and gptq.fp_target,
-            gptq is not None and gptq.router_weight > 0)
+        calibration_peak = estimate_calibration_memory(checkpoint.config, tokens, settings.all_experts, chosen.gptq)
         peak = max(peak, calibration_peak)
     if dry_run:
         if json:
