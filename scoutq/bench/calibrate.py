@@ -38,8 +38,6 @@ def budget(source: Path, tokens: int, gptq: GptqSettings | None = None) -> dict[
     }
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
