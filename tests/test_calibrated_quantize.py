@@ -24,6 +24,7 @@ from scoutq.evaluate.compare import compare_models
 from scoutq.evaluate.windows import evaluation_windows
 from scoutq.model.load import load_model
 from scoutq.pipeline.plan import build_plan
+from scoutq.quant import primitives
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.recipe import Recipe
 from scoutq.quant.rtn import rtn_quantize
@@ -219,14 +220,17 @@ def test_killed_calibration_resumes_to_identical_output(
         assert file_hashes(dst)["model.safetensors"] != file_hashes(gptq_output)["model.safetensors"]
 
 
-def test_below_min_tokens_falls_back_visibly(tiny_trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                             ) -> None:
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_below_min_tokens_falls_back_visibly(tiny_trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             signed: bool) -> None:
     # min_tokens above any expert's count: with fallback rtn every expert is rounded to nearest,
-    # bit for bit, and the run says so; nothing is quantized from empty statistics.
+    # bit for bit (in the recipe's scale convention), and the run says so; nothing is quantized
+    # from empty statistics.
     recipe = tmp_path / "rtn-fallback.yaml"
     recipe.write_text(
         "name: fallback\nmethod: gptq\nrules:\n  - targets: [routed_experts]\n"
-        "    weights: {bits: 4, group_size: 128}\ncalibration: {min_tokens: 1000000, fallback: rtn}\n")
+        "    weights: {bits: 4, group_size: 128}\ncalibration: {min_tokens: 1000000, fallback: rtn}\n"
+        f"gptq: {{signed_scales: {str(signed).lower()}}}\n")
     code, out, err = quantize(capsys, tiny_trained, tmp_path / "out", str(recipe), *SMALL)
     assert code == 0, err
     assert "min_tokens 1000000; applied rtn_fallback" in " ".join(err.split())
@@ -237,7 +241,14 @@ def test_below_min_tokens_falls_back_visibly(tiny_trained: Path, tmp_path: Path,
     checkpoint = Checkpoint.open(tiny_trained)
     stored = load_file(str(tmp_path / "out" / "model.safetensors"))
     name = checkpoint.layout.layer_key(2, "feed_forward.experts.5.down_proj")
-    expected = rtn_quantize(checkpoint.read_expert(2, 5, "down"), Scheme(4, 128, True))
+    source = checkpoint.read_expert(2, 5, "down")
+    if signed:
+        scale, _ = primitives.compute_qparams(source, Scheme(4, 128, True), source.dtype, signed=True)
+        q = primitives.quantize(source, scale, None, Scheme(4, 128, True))
+        expected = PackedWeight.from_quantized(q, scale, None, Scheme(4, 128, True))
+        assert bool((expected.scale < 0).any())
+    else:
+        expected = rtn_quantize(source, Scheme(4, 128, True))
     assert torch.equal(stored[f"{name}.weight_packed"], expected.packed)
     assert torch.equal(stored[f"{name}.weight_scale"], expected.scale)
 

@@ -64,6 +64,22 @@ def test_gptq_matches_the_float64_schur_complement_twin(scheme: Scheme) -> None:
     assert agreement >= 0.99, agreement
 
 
+@pytest.mark.parametrize("scheme", [Scheme(4, 32, True), Scheme(8, None, True)], ids=lambda s: s.describe())
+def test_gptq_with_signed_scales_matches_its_twin(scheme: Scheme) -> None:
+    w = weight(16, 96, 1)
+    x = correlated_inputs(512, 96, 2)
+    hessian = x.t() @ x
+    fast = gptq_quantize(w, hessian, scheme, options=GptqOptions(damp=0.01, block_size=32, signed_scales=True))
+    slow = reference.gptq(w, hessian, scheme, torch.bfloat16, damp=0.01, signed=True)
+    assert bool((fast.scale < 0).any()) and bool((fast.scale > 0).any())
+    assert float((fast.unpacked() == slow).float().mean()) >= 0.99
+    # H = c I: nothing to compensate, so the codes are signed round-to-nearest's.
+    plain = gptq_quantize(w, torch.eye(96), scheme, options=GptqOptions(damp=0.0, act_order=True, signed_scales=True))
+    scale, _ = primitives.compute_qparams(w, scheme, torch.bfloat16, signed=True)
+    assert torch.equal(plain.scale, scale)
+    assert torch.equal(plain.unpacked(), primitives.quantize(w, scale, None, scheme))
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
 @pytest.mark.parametrize("options", [GptqOptions(), GptqOptions(act_order=True), GptqOptions(mse_scales=True),
                                      GptqOptions(act_order=True, mse_scales=True, block_size=16)],
@@ -230,19 +246,31 @@ def test_router_aware_gptq_lowers_the_error_along_router_directions(scheme: Sche
     assert output_error(w, aware, x) < 1.15 * output_error(w, plain, x)
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
-def test_clip_search_matches_its_slow_twin(scheme: Scheme) -> None:
+def test_clip_search_matches_its_slow_twin(scheme: Scheme, signed: bool) -> None:
     w = weight(12, 64, 10)
     importance = correlated_inputs(64, 64, 11).square().mean(0)
-    options = ClipOptions(grid=8, min_ratio=0.6)
+    options = ClipOptions(grid=8, min_ratio=0.6, signed_scales=signed)
     scale, zero = search_qparams(w, importance, scheme, torch.bfloat16, options)
-    slow_scale, slow_zero = reference.clip_qparams(w, importance, scheme, torch.bfloat16, options.ratios())
+    slow_scale, slow_zero = reference.clip_qparams(w, importance, scheme, torch.bfloat16, options.ratios(), signed)
     # Errors are summed in fp32 here and fp64 there: an exact tie may break differently, so
     # compare the chosen errors, and require identical choices almost everywhere.
     fast_error = weighted_error(w, scale, zero, importance, scheme)
     slow_error = weighted_error(w, slow_scale, slow_zero, importance, scheme)
     assert torch.all(fast_error <= slow_error * (1 + 1e-5) + 1e-12)
     assert float((scale == slow_scale).float().mean()) >= 0.95
+
+
+def test_clip_with_one_ratio_is_round_to_nearest() -> None:
+    # grid 1 tries the full range only: round-to-nearest's scales, in either sign convention.
+    w = weight(8, 64, 14)
+    importance = torch.ones(64)
+    for signed in (False, True):
+        scale, _ = search_qparams(w, importance, Scheme(4, 32, True), torch.bfloat16,
+                                  ClipOptions(grid=1, signed_scales=signed))
+        expected, _ = primitives.compute_qparams(w, Scheme(4, 32, True), torch.bfloat16, signed=signed)
+        assert torch.equal(scale, expected)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())

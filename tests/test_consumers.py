@@ -17,6 +17,10 @@
     computes (q - zero) * scale in fp32 — more precise than a bf16 checkpoint can hold — against
     a rebuild dequantized the same way (fp32 scale) and stored in fp32.
 
+Besides the RTN recipes, a calibrated int4 output with signed scales (about half of them
+negative; primitives.signed_scale) goes through the same checks: nothing in either consumer may
+assume a positive scale.
+
 Known upstream failures are strict xfails, so they flip to errors the day upstream fixes them.
 """
 
@@ -65,6 +69,19 @@ MIXED_DEQUANTIZE_BUG = (
 )
 
 
+# Calibrated int4 with signed scales (the extreme value on -8, so about half the scales are
+# negative): what the calibrated recipes write, made cheap (clipping, a little calibration text).
+LOCAL_RECIPES = {
+    "w4a16-g128-clip-signed": """name: w4a16-g128-clip-signed
+method: clip
+rules:
+  - targets: [routed_experts, shared_expert]
+    weights: {bits: 4, group_size: 128, symmetric: true}
+calibration: {dataset: builtin, samples: 8, seq_len: 64}
+clip: {signed_scales: true}
+""",
+}
+
 # -- building outputs --------------------------------------------------------------------------
 
 
@@ -89,8 +106,12 @@ def quantized(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureR
         if (fixture, recipe) not in made:
             src: Path = request.getfixturevalue(fixture)
             dst = root / f"{fixture}-{recipe}"
+            recipe_arg = recipe
+            if recipe in LOCAL_RECIPES:
+                recipe_arg = str(root / f"{recipe}.yaml")
+                Path(recipe_arg).write_text(LOCAL_RECIPES[recipe])
             try:
-                main(["quantize", str(src), "--recipe", recipe, "--out", str(dst)])
+                main(["quantize", str(src), "--recipe", recipe_arg, "--out", str(dst)])
             except SystemExit as done:
                 assert done.code in (0, None), f"quantize {recipe} failed with exit code {done.code}"
             made[fixture, recipe] = dst
@@ -136,7 +157,7 @@ def packed_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
 # -- compressed-tensors' decompressor ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-g128", "w4a16-g128-asym", "w8a16", "mixed"])
+@pytest.mark.parametrize("recipe", ["w4a16-g128", "w4a16-g128-asym", "w8a16", "mixed", "w4a16-g128-clip-signed"])
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_compressed_tensors_decompressor_matches_scoutq_bit_for_bit(
     fixture: str, recipe: str, quantized: Callable[[str, str], Path]
@@ -147,6 +168,8 @@ def test_compressed_tensors_decompressor_matches_scoutq_bit_for_bit(
     modules = packed_modules(load_dir(dst))
     assert len(modules) >= 4 * 4 * 3 + 4 * 3  # every routed expert projection and shared expert
 
+    if recipe in LOCAL_RECIPES:  # the point of this output: negative scales decode as stored
+        assert any(bool((state["weight_scale"] < 0).any()) for state in modules.values())
     for module, state in modules.items():
         scheme = ct_scheme_for(config, module)
         assert scheme.format == "pack-quantized"
@@ -267,7 +290,7 @@ def assert_experts_are_per_expert_modules(model: torch.nn.Module) -> None:
     assert "model.layers.0.feed_forward.experts.3.down_proj" in names
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-g128", "w8a16", "mixed"])
+@pytest.mark.parametrize("recipe", ["w4a16-g128", "w8a16", "mixed", "w4a16-g128-clip-signed"])
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_transformers_default_load_is_clean_and_exact(
     fixture: str, recipe: str, quantized: Callable[[str, str], Path], dense_logits: DenseLogits,
@@ -294,7 +317,7 @@ def test_transformers_default_load_is_clean_and_exact(
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 @pytest.mark.parametrize(
     "recipe",
-    ["w4a16-g128", "w8a16", "w4a16-g128-asym",
+    ["w4a16-g128", "w8a16", "w4a16-g128-asym", "w4a16-g128-clip-signed",
      pytest.param("mixed", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=MIXED_DEQUANTIZE_BUG))],
 )
 @pytest.mark.parametrize("fixture", FIXTURES)

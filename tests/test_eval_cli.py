@@ -42,6 +42,8 @@ def test_eval_against_reference_writes_every_report(
     ppl, ref = report["perplexity"], report["reference_perplexity"]
     assert ppl["low"] < ppl["value"] < ppl["high"]
     assert report["perplexity_gap_pct"] == pytest.approx(100 * (ppl["value"] / ref["value"] - 1))
+    low, high = report["perplexity_gap_interval_pct"]
+    assert low < report["perplexity_gap_pct"] < high
     assert 0 < report["kl"]["mean"] < 0.1 and report["kl"]["p99"] >= report["kl"]["median"]
     assert 0.8 < report["top1_agreement"] < 1.0
     assert [r["layer"] for r in report["routing"]] == [0, 1, 2, 3]
@@ -69,6 +71,7 @@ def test_a_model_against_itself_agrees_exactly(tiny_trained: Path, capsys: pytes
     assert report["top1_agreement"] == 1.0
     assert all(r["agreement"] == 1.0 for r in report["routing"])
     assert report["perplexity_gap_pct"] == 0.0
+    assert report["perplexity_gap_interval_pct"] == [0.0, 0.0]
     assert report["quantization_error"] is None  # nothing is quantized
 
 

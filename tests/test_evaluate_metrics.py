@@ -25,6 +25,7 @@ from scoutq.evaluate import (
     top1_agreement,
 )
 from scoutq.evaluate.metrics import Z95
+from scoutq.evaluate.report import perplexity_gap_interval
 from scoutq.fixtures.corpus import builtin_corpus
 from scoutq.fixtures.tokenizer import BOS, save_tokenizer, train_tokenizer
 from scoutq.fixtures.trained import token_stream
@@ -228,3 +229,19 @@ def test_perturbed_router_changes_routing_and_distribution() -> None:
 def test_token_ids_outside_the_vocabulary_are_refused() -> None:
     with pytest.raises(ScoutqError, match="vocabulary"):
         compare_models(tiny_model(), None, torch.full((2, 8), VOCAB))
+
+
+def test_perplexity_gap_interval_is_paired_by_window() -> None:
+    # Windows of very different difficulty, with the candidate a near-constant 1% worse on each:
+    # the paired interval is narrow and around +1%, although each perplexity's interval is wide.
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.rand(64, generator=generator, dtype=torch.float64) * 3 + 1
+    shift = math.log(1.01) + torch.randn(64, generator=generator, dtype=torch.float64) * 1e-3
+    low, high = perplexity_gap_interval(reference + shift, reference)
+    differences = shift.numpy()
+    half = Z95 * differences.std(ddof=1) / math.sqrt(64)
+    assert low == pytest.approx(100 * math.expm1(differences.mean() - half), rel=1e-9)
+    assert high == pytest.approx(100 * math.expm1(differences.mean() + half), rel=1e-9)
+    assert 0.9 < low < 1.0 < high < 1.1
+    assert perplexity_gap_interval(reference, reference) == [0.0, 0.0]
+    assert perplexity_gap_interval(reference[:1], reference[:1]) is None

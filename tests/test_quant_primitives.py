@@ -106,6 +106,54 @@ def test_qparams_and_quantize_match_reference(case: Case, dtype: torch.dtype) ->
     assert int(q.min()) >= case.scheme.qmin and int(q.max()) <= case.scheme.qmax
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c.scheme.symmetric], ids=lambda c: c.id)
+def test_signed_scales_match_reference_and_put_the_extreme_on_qmin(case: Case, dtype: torch.dtype) -> None:
+    w = random_weight(case.shape, dtype, seed=zlib.crc32(case.id.encode()) % 997, zero_rows=(0,))
+    w[1, 0] = 0.5  # a positive extreme in row 1's first group: its scale must be negative
+    scale, zero = primitives.compute_qparams(w, case.scheme, dtype, signed=True)
+    ref_scale, ref_zero = reference.qparams(w, case.scheme, dtype, signed=True)
+    assert zero is None and ref_zero is None
+    assert torch.equal(scale, ref_scale) and bool(torch.isfinite(scale).all()) and bool((scale != 0).all())
+    assert float(scale[1, 0]) < 0
+    q = primitives.quantize(w, scale, None, case.scheme)
+    assert torch.equal(q, reference.quantize(w, ref_scale, None, case.scheme))
+    # The group's largest-magnitude value is stored as qmin and comes back exactly.
+    size = case.scheme.group_size or case.shape[1]
+    group = w[1, :size].float()
+    at = int(group.abs().argmax())
+    assert int(q[1, at]) == case.scheme.qmin
+    assert float(primitives.dequantize(q, scale, None, case.scheme)[1, at]) == float(group[at])
+    # The range form (rtn.qparams_from_range, used by the clipping search) is the same arithmetic.
+    grouped = w.float().reshape(case.shape[0], -1, size)
+    ranged, _ = rtn.qparams_from_range(grouped.amin(-1), grouped.amax(-1), case.scheme.bits, True, dtype, signed=True)
+    assert torch.equal(ranged, scale)
+
+
+def test_signed_scales_tie_and_zero_groups_keep_a_positive_scale() -> None:
+    scheme = Scheme(4, 8, True)
+    w = torch.tensor([[0.5, -0.5, 0.1, 0, 0, 0, 0, 0.2], [0.0] * 8], dtype=torch.bfloat16)
+    scale, _ = primitives.compute_qparams(w, scheme, torch.bfloat16, signed=True)
+    ref_scale, _ = reference.qparams(w, scheme, torch.bfloat16, signed=True)
+    assert torch.equal(scale, ref_scale)
+    assert float(scale[0, 0]) == 0.5 / 8  # -0.5 goes to -8, +0.5 is clipped to 7 steps
+    assert float(scale[1, 0]) > 0
+    assert torch.equal(primitives.dequantize(primitives.quantize(w, scale, None, scheme), scale, None, scheme)[1], w[1])
+
+
+def test_signed_scales_round_finer_than_the_symmetric_range() -> None:
+    # absmax / 8 instead of / 7.5, and no clipping of a positive extreme: lower error overall.
+    scheme = Scheme(4, 128, True)
+    w = random_weight((64, 1024), torch.float32, seed=3)
+
+    def squared_error(signed: bool) -> float:
+        scale, _ = primitives.compute_qparams(w, scheme, torch.bfloat16, signed=signed)
+        q = primitives.quantize(w, scale, None, scheme)
+        return float((primitives.dequantize(q, scale, None, scheme).float() - w).square().sum())
+
+    assert squared_error(True) < 0.92 * squared_error(False)
+
+
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_all_zero_weight_gets_usable_scale_and_dequantizes_to_zero(symmetric: bool) -> None:
     scheme = Scheme(4, 32, symmetric)

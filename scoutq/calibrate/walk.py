@@ -273,7 +273,7 @@ class LayerWalk:
             raise ScoutqError(f"{what} contains NaN or Inf; refusing to quantize it")
         source = w.to(source_dtype)
         if stats is None or stats.tokens == 0:
-            packed = rtn_quantize(source, scheme, what=what)
+            packed = self._round_to_nearest(source, scheme, what)
         elif self.settings.method == Method.GPTQ:
             options = self.settings.gptq
             factors = stats.factorized(options, what)
@@ -287,6 +287,16 @@ class LayerWalk:
             packed = clip_quantize(source, importance, scheme, options=self.settings.clip)
         result.quantized[name] = packed
         return packed.dequantize().float()
+
+    def _round_to_nearest(self, source: torch.Tensor, scheme: Scheme, what: str) -> PackedWeight:
+        """A module without statistics (the `rtn` fallback), in the recipe's scale convention:
+        with signed scales, the clipping search given only the full range (RTN's scales, signed)."""
+        settings = self.settings
+        signed = settings.gptq.signed_scales if settings.method == Method.GPTQ else settings.clip.signed_scales
+        if not (signed and scheme.symmetric):
+            return rtn_quantize(source, scheme, what=what)
+        full_range = ClipOptions(grid=1, signed_scales=True)
+        return clip_quantize(source, torch.ones(source.shape[1]), scheme, options=full_range)
 
     def _statistics(self, x: torch.Tensor, reference: torch.Tensor | None, *names: str) -> InputStatistics | None:
         """Statistics of an input shared by `names`, if any of them is quantized."""

@@ -7,6 +7,7 @@
       "perplexity": {"value": float, "low": float, "high": float},        # 95% interval over windows
       "reference_perplexity": {...same...} | null,
       "perplexity_gap_pct": float | null,                                  # 100 * (ppl / ref_ppl - 1)
+      "perplexity_gap_interval_pct": [float, float] | null,                # 95%, paired by window
       "kl": {"mean", "mean_low", "mean_high", "median", "p99", "max"} | null,   # KL(ref || model), nats
       "top1_agreement": float | null,                                      # share of tokens, 0..1
       "routing": [{"layer": int, "agreement": float | null,                # same top-k expert set
@@ -28,8 +29,10 @@ import math
 from dataclasses import asdict
 from typing import Any
 
+import torch
+
 from scoutq.evaluate.compare import Comparison
-from scoutq.evaluate.metrics import Perplexity
+from scoutq.evaluate.metrics import Perplexity, mean_interval
 from scoutq.evaluate.quant_error import ErrorTables
 
 FORMAT = "scoutq-eval/1"
@@ -54,12 +57,28 @@ def _perplexity(value: Perplexity | None) -> dict[str, float] | None:
     return None if value is None else {"value": value.value, "low": value.low, "high": value.high}
 
 
+def perplexity_gap_interval(window_nll: torch.Tensor, reference_window_nll: torch.Tensor) -> list[float] | None:
+    """95% interval of the perplexity gap in percent, paired by window.
+
+    Both models score the same windows, so the gap's uncertainty is that of the mean per-window
+    NLL difference, far narrower than the two perplexities' own intervals (which mostly measure
+    how hard the text is). Every window scores the same number of tokens, so the mean of the
+    window differences is the difference of the means: exp of its bounds, minus 1, in percent.
+    None for fewer than two windows."""
+    _, low, high = mean_interval(window_nll.double() - reference_window_nll.double())
+    if math.isnan(low):
+        return None
+    return [100.0 * math.expm1(low), 100.0 * math.expm1(high)]
+
+
 def build_report(model: str, reference: str | None, dataset: str, seq_len: int, comparison: Comparison,
                  errors: ErrorTables | None, latency: dict[str, Any] | None, environment: dict[str, Any],
                  seconds: float) -> dict[str, Any]:
-    gap = None
+    gap = gap_interval = None
     if comparison.reference_perplexity is not None:
         gap = 100.0 * (comparison.perplexity.value / comparison.reference_perplexity.value - 1.0)
+    if comparison.reference_window_nll is not None:
+        gap_interval = perplexity_gap_interval(comparison.window_nll, comparison.reference_window_nll)
     routing = []
     for row, layer in enumerate(comparison.moe_layers):
         counts = comparison.expert_counts[row].double()
@@ -81,6 +100,7 @@ def build_report(model: str, reference: str | None, dataset: str, seq_len: int, 
         "perplexity": _perplexity(comparison.perplexity),
         "reference_perplexity": _perplexity(comparison.reference_perplexity),
         "perplexity_gap_pct": gap,
+        "perplexity_gap_interval_pct": gap_interval,
         "kl": comparison.kl,
         "top1_agreement": comparison.top1_agreement,
         "routing": routing,
@@ -104,7 +124,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if report["reference_perplexity"] is not None:
         ref = report["reference_perplexity"]
         rows.append(("reference perplexity", f"{ref['value']:.4f} [{_fmt(ref['low'])}, {_fmt(ref['high'])}]"))
-        rows.append(("perplexity gap", f"{report['perplexity_gap_pct']:+.3f}%"))
+        gap = f"{report['perplexity_gap_pct']:+.3f}%"
+        if report.get("perplexity_gap_interval_pct") is not None:
+            low, high = report["perplexity_gap_interval_pct"]
+            gap += f" [{low:+.3f}%, {high:+.3f}%]"
+        rows.append(("perplexity gap", gap))
     if report["kl"] is not None:
         kl = report["kl"]
         rows.append(("KL divergence mean", f"{_fmt(kl['mean'], 5)} [{_fmt(kl['mean_low'], 5)}, {_fmt(kl['mean_high'], 5)}]"))

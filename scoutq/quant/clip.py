@@ -7,6 +7,8 @@ output error of a row is sum_j E[x_j^2] (w_j - dq_j)^2 when input channels are u
 so the error is weighted by the activation second moments E[x_j^2] of the calibration data
 (the diagonal of X^T X / N). For each group, ratios 1, 1 - 1/grid, ... down to `min_ratio` of
 the range are tried and the one with the smallest weighted error kept (ties keep the wider).
+With `signed_scales` the range is that of primitives.signed_scale (the extreme value on
+qmin), shrunk the same way.
 
 The chosen scales are stored as usual; the result is a plain checkpoint. The arithmetic of
 scales, quantize and dequantize is exactly primitives.py's, so the error measured here is the
@@ -29,8 +31,9 @@ ROW_BLOCK_ELEMENTS = 1 << 22  # weights per row block: bounds the [rows, groups,
 
 @dataclass(frozen=True)
 class ClipOptions:
-    grid: int = 20  # ratios tried between 1 and min_ratio
+    grid: int = 20  # ratios tried between 1 and min_ratio (1: the full range only)
     min_ratio: float = 0.5
+    signed_scales: bool = False  # symmetric: the extreme value maps to qmin (primitives.signed_scale)
 
     def ratios(self) -> list[float]:
         step = (1.0 - self.min_ratio) / max(self.grid - 1, 1)
@@ -72,7 +75,8 @@ def search_qparams(
         low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
         best_scale = best_zero = best_error = None
         for ratio in options.ratios():
-            scale, zero = qparams_from_range(low * ratio, high * ratio, scheme.bits, scheme.symmetric, scale_dtype)
+            scale, zero = qparams_from_range(low * ratio, high * ratio, scheme.bits, scheme.symmetric, scale_dtype,
+                                             options.signed_scales)
             error = weighted_error(rows, scale, zero, importance, scheme)
             if best_error is None:
                 best_scale, best_zero, best_error = scale, zero, error

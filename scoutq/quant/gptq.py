@@ -21,6 +21,8 @@ matmul. Options:
   is plain pack-quantized, with no g_idx permutation for runtimes to honour.
 * mse_scales: group scales from the activation-weighted clipping search (clip.py) instead of
   each group's full range.
+* signed_scales: symmetric scales signed so that each group's largest-magnitude value lands
+  on qmin (primitives.signed_scale): a step of absmax / 8 instead of / 7.5 at int4.
 * router_weight, row_blocks: router-aware rounding, below.
 
 Full-precision targets (fp_target; GPTAQ, Li et al., 2025): in a sequential walk the
@@ -54,7 +56,7 @@ import torch
 
 from scoutq.errors import ScoutqError
 from scoutq.quant import primitives
-from scoutq.quant.clip import search_qparams
+from scoutq.quant.clip import ClipOptions, search_qparams
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.scheme import Scheme
 
@@ -65,6 +67,7 @@ class GptqOptions:
     block_size: int = 128
     act_order: bool = False
     mse_scales: bool = False
+    signed_scales: bool = False
     fp_target: bool = False  # the layer walk supplies X_q^T X_r and quantizes fp_target_weight
     fp_target_damp: float = 0.1
     router_weight: float = 0.0  # > 0: the walk passes down_proj an output coupling (router_metric)
@@ -282,8 +285,8 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor | Factorized, scheme: Scheme, s
 def _static_qparams(w: torch.Tensor, importance: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
                     options: GptqOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     if options.mse_scales:
-        return search_qparams(w, importance, scheme, scale_dtype)
-    return primitives.compute_qparams(w, scheme, scale_dtype)
+        return search_qparams(w, importance, scheme, scale_dtype, ClipOptions(signed_scales=options.signed_scales))
+    return primitives.compute_qparams(w, scheme, scale_dtype, options.signed_scales)
 
 
 def _sweep(weights: torch.Tensor, factors: Factorized, scheme: Scheme, scale_dtype: torch.dtype,
@@ -310,9 +313,10 @@ def _sweep(weights: torch.Tensor, factors: Factorized, scheme: Scheme, scale_dty
             if not static and column % group == 0:
                 values = current[i : i + group].t()  # [rows, group], as updated so far
                 if options.mse_scales:
-                    scale, zero = search_qparams(values, importance[column : column + group], one_group, scale_dtype)
+                    scale, zero = search_qparams(values, importance[column : column + group], one_group, scale_dtype,
+                                                 ClipOptions(signed_scales=options.signed_scales))
                 else:
-                    scale, zero = primitives.compute_qparams(values, one_group, scale_dtype)
+                    scale, zero = primitives.compute_qparams(values, one_group, scale_dtype, options.signed_scales)
                 scales[:, g] = scale[:, 0]
                 if zeros is not None and zero is not None:
                     zeros[:, g] = zero[:, 0]

@@ -9,6 +9,10 @@ decompressor and vLLM read scoutq's output; quantized-formats.md B1):
   *stored* scale, so that dequantizing the stored tensors reproduces exactly what was meant.
 * Symmetric: scale = absmax / ((qmax - qmin) / 2), i.e. absmax / 7.5 for int4 (the value
   compressed-tensors and llm-compressor use); no zero point is stored.
+* Signed symmetric scales (opt-in, `signed=True`): scale = e / qmin, e the group's value of
+  largest magnitude, so e lands exactly on qmin (-8) and the grid is absmax / 8, not / 7.5.
+  The scale is negative when e is positive. The stored format is the same (dequantize is
+  q * scale, whatever the sign); ggml's Q4_0 picks its scales the same way (`max / -8`).
 * Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [qmin, qmax]; the zero point is an
   integer in the same signed range.
 * Packing: 32 / bits values per int32 along the last dim, least-significant bits first, each
@@ -39,7 +43,7 @@ def _grouped(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
 
 
 def compute_qparams(
-    w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype
+    w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, signed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest scales (and zero points) from each group's range.
 
@@ -47,6 +51,8 @@ def compute_qparams(
         w: weight [out, in], any float dtype (read in fp32).
         scheme: bits, group size, symmetry.
         scale_dtype: dtype the scales are stored in (the source weight's dtype).
+        signed: symmetric schemes only: the group's largest-magnitude value maps to qmin
+            (`signed_scale`); ignored for asymmetric ones, whose zero point places the range.
 
     Returns:
         scale [out, groups] in scale_dtype, never zero or infinite; zero_point [out, groups]
@@ -54,6 +60,8 @@ def compute_qparams(
     """
     grouped = _grouped(w.float(), scheme)
     tiny = torch.finfo(scale_dtype).tiny  # an all-zero group still gets a usable scale
+    if scheme.symmetric and signed:
+        return signed_scale(grouped.amin(dim=-1), grouped.amax(dim=-1), scheme.qmin, scale_dtype), None
     if scheme.symmetric:
         absmax = grouped.abs().amax(dim=-1)
         scale = (absmax / ((scheme.qmax - scheme.qmin) / 2)).clamp_min(tiny).to(scale_dtype)
@@ -63,6 +71,25 @@ def compute_qparams(
     scale = ((high - low) / (scheme.qmax - scheme.qmin)).clamp_min(tiny).to(scale_dtype)
     zero_point = torch.round(scheme.qmin - low / scale.float()).clamp(scheme.qmin, scheme.qmax)
     return scale, zero_point.to(torch.int8)
+
+
+def signed_scale(low: torch.Tensor, high: torch.Tensor, qmin: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Symmetric scales that put each group's largest-magnitude value exactly on qmin.
+
+    With scale = absmax / 7.5 (int4) the extreme value rounds to -8 on the negative side but is
+    clipped to 7 on the positive side, and the step is absmax / 7.5. Giving the scale the sign
+    that sends the extreme to qmin uses all 16 levels on the side that needs them: the step is
+    absmax / 8 and the extreme is exact. A tie (|low| == high) keeps the scale positive.
+
+    Args:
+        low, high: each group's minimum and maximum (fp32), same shape.
+        qmin: the scheme's lowest level (-8 for int4, -128 for int8).
+    Returns the scales in scale_dtype, magnitude at least the dtype's smallest normal number.
+    """
+    tiny = torch.finfo(scale_dtype).tiny
+    negative_extreme = low.abs() >= high.abs()
+    magnitude = (torch.maximum(low.abs(), high.abs()) / -qmin).clamp_min(tiny)
+    return torch.where(negative_extreme, magnitude, -magnitude).to(scale_dtype)
 
 
 def quantize(

@@ -70,6 +70,9 @@ class GptqSettings(BaseModel):
     block_size: Annotated[int, Field(gt=0)] = 128
     act_order: bool = False
     mse_scales: bool = False
+    # Symmetric scales signed so each group's largest-magnitude value lands on qmin: the grid
+    # is absmax / 8, not / 7.5, at int4 (primitives.signed_scale). No effect on asymmetric.
+    signed_scales: bool = False
     # Match the source model's outputs on its own inputs rather than the source weights on the
     # quantized path's inputs (GPTAQ; gptq.py). Runs a full-precision copy of the hidden states.
     fp_target: bool = False
@@ -83,8 +86,9 @@ class GptqSettings(BaseModel):
 class ClipSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    grid: Annotated[int, Field(ge=2, le=200)] = 20
+    grid: Annotated[int, Field(ge=1, le=200)] = 20  # 1: the full range only (round-to-nearest's scales)
     min_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    signed_scales: bool = False  # as GptqSettings.signed_scales
 
 
 class Calibration(BaseModel):

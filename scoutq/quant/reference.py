@@ -13,7 +13,8 @@ import torch
 from scoutq.quant.scheme import Scheme
 
 
-def qparams(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def qparams(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, signed: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     out_features, in_features = w.shape
     size = scheme.group_size or in_features
     groups = in_features // size
@@ -24,7 +25,12 @@ def qparams(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> tuple[
     for row in range(out_features):
         for g in range(groups):
             values = w[row, g * size : (g + 1) * size].float()
-            if scheme.symmetric:
+            if scheme.symmetric and signed:
+                # The value of largest magnitude goes to qmin; between -a and +a, -a (scale > 0).
+                extreme = max(values.tolist(), key=lambda v: (abs(v), v < 0))
+                s = max(abs(extreme) / -scheme.qmin, tiny)
+                scale[row, g] = torch.tensor(s if extreme <= 0 else -s).to(scale_dtype)
+            elif scheme.symmetric:
                 s = float(values.abs().max()) / (levels / 2)
                 scale[row, g] = torch.tensor(max(s, tiny)).to(scale_dtype)
             else:
@@ -85,8 +91,8 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return q
 
 
-def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, damp: float
-         ) -> torch.Tensor:
+def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, damp: float,
+         signed: bool = False) -> torch.Tensor:
     """GPTQ as optimal brain quantization states it, in float64, one column at a time: round
     column j, spread its error over the later columns with the inverse Hessian, then remove j
     from the inverse (a Schur complement) instead of using a Cholesky factor or blocks.
@@ -106,7 +112,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, scale_dtype: to
     for j in range(in_features):
         if j % size == 0:
             group_scheme = Scheme(scheme.bits, None, scheme.symmetric)
-            scale, zero = qparams(weights[:, j : j + size].float(), group_scheme, scale_dtype)
+            scale, zero = qparams(weights[:, j : j + size].float(), group_scheme, scale_dtype, signed)
         assert scale is not None
         column = quantize(weights[:, j : j + 1].float(), scale, zero, Scheme(scheme.bits, None, scheme.symmetric))
         q[:, j] = column[:, 0]
@@ -165,7 +171,7 @@ def fp_target_weight(w: torch.Tensor, x: torch.Tensor, x_reference: torch.Tensor
 
 
 def clip_qparams(w: torch.Tensor, importance: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
-                 ratios: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 ratios: list[float], signed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Activation-weighted clipping, one row and group at a time: for each ratio, qparams of the
     shrunk values (shrinking each value shrinks the range by the same ratio), error summed in
     float64; the first ratio with the smallest error wins."""
@@ -181,7 +187,7 @@ def clip_qparams(w: torch.Tensor, importance: torch.Tensor, scheme: Scheme, scal
             weight = importance[g * size : (g + 1) * size].double()
             best = None
             for ratio in ratios:
-                s, z = qparams(values * ratio, one, scale_dtype)
+                s, z = qparams(values * ratio, one, scale_dtype, signed)
                 q = quantize(values, s, z, one)
                 shifted = q.to(scale_dtype) - (0 if z is None else z.to(scale_dtype))
                 error = float(((values.double() - (shifted * s).double()) ** 2 * weight).sum())

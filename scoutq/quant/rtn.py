@@ -26,17 +26,20 @@ from typing import Any
 import torch
 
 from scoutq.errors import ScoutqError
+from scoutq.quant import primitives
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.scheme import Scheme
 
 BLOCK_ELEMENTS = 1 << 23  # values per block: 32 MB as fp32
 
 
-def qparams_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def qparams_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
+                      signed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """compute_qparams' arithmetic, from group minima and maxima (fp32)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     tiny = torch.finfo(scale_dtype).tiny
+    if symmetric and signed:
+        return primitives.signed_scale(low, high, qmin, scale_dtype), None
     if symmetric:
         absmax = torch.maximum(low.abs(), high.abs())
         return (absmax / ((qmax - qmin) / 2)).clamp_min(tiny).to(scale_dtype), None
