@@ -8,10 +8,11 @@ Every calibrated method uses the same calibration set (default builtin-train, th
 available offline; each recipe's own sample count and length unless given).
 
 Quantizes the tiny-trained fixture with each method and bit width (the int8 clipping recipe
-and the variants are written on the fly; the others are shipped), then runs `scoutq eval` of each against the
-bf16 model on the held-out builtin evaluation split (every window of 128 tokens), in fp32 with
-the reference kernels, and prints one table: perplexity gap, mean KL with its interval, top-1
-and minimum routing agreement, and the ratios of the int4 gaps to RTN's.
+and the variants are written on the fly; the others are shipped), then runs `scoutq eval` of
+each against the bf16 model on the held-out builtin evaluation split (every window of 128
+tokens), in fp32 with the reference kernels, and prints one table: perplexity gap with its
+interval (paired by window), mean KL with its interval, top-1 and minimum routing agreement,
+and the ratios of the int4 gaps and KLs to RTN's.
 """
 
 from __future__ import annotations
