@@ -53,6 +53,7 @@ from scoutq.errors import ScoutqError
 from scoutq.model.llama4 import Attention, rms_normalize, rope_angles
 from scoutq.model.moe import route, swiglu_intermediate
 from scoutq.pipeline.plan import PlannedModule, QuantPlan
+from scoutq.quant import primitives
 from scoutq.quant.clip import ClipOptions, clip_quantize
 from scoutq.quant.gptq import (
     Factorized,
@@ -93,6 +94,11 @@ class WalkSettings:
     min_tokens: int = 32
     fallback: Fallback = Fallback.ALL_EXPERTS
     sequences_per_batch: int = 4  # attention runs this many sequences at once (bounds its scores)
+
+    @property
+    def signed_scales(self) -> bool:
+        """Whether the method's scales are signed (primitives.signed_scale)."""
+        return self.gptq.signed_scales if self.method == Method.GPTQ else self.clip.signed_scales
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> WalkSettings:
@@ -289,14 +295,13 @@ class LayerWalk:
         return packed.dequantize().float()
 
     def _round_to_nearest(self, source: torch.Tensor, scheme: Scheme, what: str) -> PackedWeight:
-        """A module without statistics (the `rtn` fallback), in the recipe's scale convention:
-        with signed scales, the clipping search given only the full range (RTN's scales, signed)."""
-        settings = self.settings
-        signed = settings.gptq.signed_scales if settings.method == Method.GPTQ else settings.clip.signed_scales
-        if not (signed and scheme.symmetric):
+        """A module without statistics (the `rtn` fallback), in the recipe's scale convention.
+        Signed scales take the plain primitives (rtn.py's fast kernels keep the stored format's
+        own convention); the fallback is rare, so their speed does not matter."""
+        if not (self.settings.signed_scales and scheme.symmetric):
             return rtn_quantize(source, scheme, what=what)
-        full_range = ClipOptions(grid=1, signed_scales=True)
-        return clip_quantize(source, torch.ones(source.shape[1]), scheme, options=full_range)
+        scale, _ = primitives.compute_qparams(source, scheme, source.dtype, signed=True)
+        return PackedWeight.from_quantized(primitives.quantize(source, scale, None, scheme), scale, None, scheme)
 
     def _statistics(self, x: torch.Tensor, reference: torch.Tensor | None, *names: str) -> InputStatistics | None:
         """Statistics of an input shared by `names`, if any of them is quantized."""

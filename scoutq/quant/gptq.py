@@ -301,6 +301,7 @@ def _sweep(weights: torch.Tensor, factors: Factorized, scheme: Scheme, scale_dty
     # Without static scales, blocks hold whole groups, so a group's scale is taken inside one block.
     block = options.block_size if static else max(group, options.block_size // group * group)
     one_group = Scheme(scheme.bits, None, scheme.symmetric)
+    scale_search = ClipOptions(signed_scales=options.signed_scales)
 
     for start in range(0, in_features, block):
         end = min(start + block, in_features)
@@ -314,7 +315,7 @@ def _sweep(weights: torch.Tensor, factors: Factorized, scheme: Scheme, scale_dty
                 values = current[i : i + group].t()  # [rows, group], as updated so far
                 if options.mse_scales:
                     scale, zero = search_qparams(values, importance[column : column + group], one_group, scale_dtype,
-                                                 ClipOptions(signed_scales=options.signed_scales))
+                                                 scale_search)
                 else:
                     scale, zero = primitives.compute_qparams(values, one_group, scale_dtype, options.signed_scales)
                 scales[:, g] = scale[:, 0]
