@@ -17,3 +17,9 @@ class CheckpointError(ScoutqError):
 
 class ConfigError(ScoutqError):
     """A config.json value scoutq cannot interpret."""
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line (the CLI prints ScoutqError messages on a single line), at most 300 characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -13,11 +13,11 @@ user running those commands would get.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import sys
 from pathlib import Path
 
+from scoutq.checkpoint.hashing import file_sha256
+from scoutq.checkpoint.writer import atomic_write_bytes
 from scoutq.cli.app import main as scoutq
 from scoutq.errors import ScoutqError
 
@@ -33,11 +33,7 @@ def _run(argv: list[str]) -> None:
 def sha256sums(dist: Path) -> str:
     lines = []
     for path in sorted(p for p in dist.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-        lines.append(f"{digest.hexdigest()}  {path.relative_to(dist).as_posix()}")
+        lines.append(f"{file_sha256(path)}  {path.relative_to(dist).as_posix()}")
     return "\n".join(lines) + "\n"
 
 
@@ -56,9 +52,7 @@ def release(src: Path, recipes: list[str], dist: Path, eval_samples: int | None,
         if eval_samples is not None:
             evaluation += ["--samples", str(eval_samples)]
         _run(evaluation)
-    partial = dist / ".SHA256SUMS.partial"
-    partial.write_text(sha256sums(dist))
-    os.replace(partial, dist / "SHA256SUMS")
+    atomic_write_bytes(dist / "SHA256SUMS", sha256sums(dist).encode("utf-8"))
     print(f"release artifacts in {dist}: {len(recipes)} checkpoint(s), eval reports, SHA256SUMS")
 
 

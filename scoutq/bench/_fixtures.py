@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -25,3 +26,14 @@ def fixture(scoutq: str, directory: Path, preset: str, layers: int | None = None
 def scout_layers(scoutq: str, directory: Path, layers: int) -> Path:
     """`directory/scout-layers-N`: N decoder layers at real Scout dimensions."""
     return fixture(scoutq, directory / f"scout-layers-{layers}", "scout-layers", layers)
+
+
+def walk_arguments(description: str | None, layers: int, samples: int, recipe: str) -> argparse.ArgumentParser:
+    """The options every layer-walk benchmark takes, with this benchmark's defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--recipe", default=recipe)
+    parser.add_argument("--dir", type=Path, default=Path(".cache/scoutq/bench"))
+    return parser

@@ -10,16 +10,15 @@ one expert's weights, and one expert projection's Hessian. Nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from scoutq.bench._fixtures import scout_layers, scoutq_command
-from scoutq.cli._calibration import estimate_calibration_memory
-from scoutq.model.config import load_text_config
+from scoutq.bench._fixtures import scout_layers, scoutq_command, walk_arguments
+from scoutq.calibrate.estimate import estimate_calibration_memory
+from scoutq.checkpoint.config import load_text_config
 from scoutq.quant.recipe import GptqSettings, load_recipe
 
 
@@ -39,12 +38,7 @@ def budget(source: Path, tokens: int, gptq: GptqSettings | None = None) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--recipe", default="w4a16-g128-gptq")
-    parser.add_argument("--dir", type=Path, default=Path(".cache/scoutq/bench"))
+    parser = walk_arguments(__doc__, layers=2, samples=32, recipe="w4a16-g128-gptq")
     parser.add_argument("--keep", action="store_true", help="keep the quantized output")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)

@@ -10,22 +10,15 @@ headline numbers. Nothing is asserted (target: peak RSS at most 6 GB for 3 layer
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from scoutq.bench._fixtures import scout_layers, scoutq_command
+from scoutq.bench._fixtures import scout_layers, scoutq_command, walk_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--recipe", default="w4a16-g128")
-    parser.add_argument("--dir", type=Path, default=Path(".cache/scoutq/bench"))
+    parser = walk_arguments(__doc__, layers=3, samples=8, recipe="w4a16-g128")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     scoutq = scoutq_command()

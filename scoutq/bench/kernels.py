@@ -135,8 +135,8 @@ def _time_variants(bench: str, variants: dict[str, tuple[Callable[[torch.Tensor]
 
 def moe_rows() -> list[Row]:
     """One Scout MoE layer step (router, top-1 grouped experts, shared expert)."""
+    from scoutq.checkpoint.config import parse_text_config
     from scoutq.fixtures import presets
-    from scoutq.model.config import parse_text_config
     from scoutq.model.moe import MoE
     from scoutq.model.quantized import QuantExperts, QuantLinear, concat_rows
 

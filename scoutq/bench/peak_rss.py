@@ -3,7 +3,9 @@
     python -m scoutq.bench.peak_rss -- scoutq inspect /data/scout-1
 
 Peak RSS comes from the kernel's accounting of the finished child (getrusage), so it counts
-everything the command touched, torch's own allocations included.
+everything the command touched, torch's own allocations included. Not psutil: it reports a
+process's resident set now (a high-water mark only on Windows), and nothing once the child has
+exited; sampling it while the child runs would miss short peaks.
 """
 
 from __future__ import annotations

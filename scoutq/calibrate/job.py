@@ -17,7 +17,6 @@ The directory is removed once the manifest is written.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -30,23 +29,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from scoutq.calibrate.sets import CalibrationBatch
-from scoutq.calibrate.walk import (
+from scoutq.calibrate.quantizer import (
     ALL_EXPERTS,
     ALL_EXPERTS_FALLBACK,
     RTN_FALLBACK,
-    Hidden,
+    CalibratingClient,
+    CalibrationSettings,
     LayerResult,
-    LayerWalk,
-    ProgressFn,
-    WalkSettings,
 )
 from scoutq.checkpoint.layout import Role
 from scoutq.checkpoint.reader import Checkpoint
-from scoutq.checkpoint.writer import atomic_write_json
-from scoutq.pipeline.plan import QuantPlan
+from scoutq.checkpoint.writer import atomic_path, atomic_write_json, read_json_state
+from scoutq.data.sets import CalibrationBatch
 from scoutq.quant.packed import PackedWeight
+from scoutq.quant.plan import QuantPlan
 from scoutq.quant.recipe import Method
+from scoutq.stream.hooks import ProgressFn
+from scoutq.stream.walk import Hidden, LayerStream
 
 CALIBRATION_DIR = ".scoutq-calibration"
 COVERAGE_NAME = "coverage.json"
@@ -61,7 +60,7 @@ class CalibrationRun:
     """What a calibrated run needs beyond the plan: its tokens and algorithm settings."""
 
     batch: CalibrationBatch
-    settings: WalkSettings
+    settings: CalibrationSettings
 
     def identity(self) -> dict[str, Any]:
         """Everything about the calibration that changes output bytes (the recipe is hashed apart)."""
@@ -87,11 +86,8 @@ class CalibratedTensors:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial))
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial))
 
 
 def _packed_state(quantized: dict[str, PackedWeight]) -> dict[str, torch.Tensor]:
@@ -100,7 +96,7 @@ def _packed_state(quantized: dict[str, PackedWeight]) -> dict[str, torch.Tensor]
 
 
 def _hidden_state(hidden: Hidden) -> dict[str, torch.Tensor]:
-    state = {"hidden": hidden.quantized.contiguous()}
+    state = {"hidden": hidden.main.contiguous()}
     if hidden.reference is not None:
         state["reference"] = hidden.reference.contiguous()
     return state
@@ -121,14 +117,6 @@ def _coverage_entry(result: LayerResult) -> dict[str, Any]:
     return {"layer": result.layer, "tokens": result.tokens, "experts": [asdict(e) for e in result.experts]}
 
 
-def _read_state(directory: Path, identity: str) -> dict[str, Any] | None:
-    try:
-        state = json.loads((directory / "state.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return state if isinstance(state, dict) and state.get("identity") == identity else None
-
-
 def run_calibration(
     checkpoint: Checkpoint,
     plan: QuantPlan,
@@ -143,20 +131,21 @@ def run_calibration(
     Returns the calibrated tensors and the coverage document (coverage.json's content).
     """
     layers = checkpoint.config.num_hidden_layers
-    state = _read_state(directory, identity)
+    state = read_json_state(directory / "state.json", identity)
     if state is None:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         state = {"identity": identity, "next_layer": 0, "layers": [], "head": False}
 
-    walk = LayerWalk(checkpoint, plan, run.settings, on_step)
+    stream = LayerStream(checkpoint)
+    client = CalibratingClient(stream, plan, run.settings, on_step)
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     if state["next_layer"] < layers or not state["head"]:
-        hidden = walk.start(run.batch.tokens) if state["next_layer"] == 0 else _load_hidden(directory)
+        hidden = stream.start(run.batch.tokens) if state["next_layer"] == 0 else _load_hidden(directory)
         for layer in range(state["next_layer"], layers):
             if on_layer:
                 on_layer(layer, layers)
-            hidden, result = walk.layer(layer, hidden)
+            hidden, result = client.calibrate_layer(layer, hidden)
             _save_atomic(_packed_state(result.quantized), _layer_file(directory, layer))
             _save_atomic(_hidden_state(hidden), directory / "hidden.safetensors")
             state["layers"].append(_coverage_entry(result))
@@ -164,7 +153,7 @@ def run_calibration(
             atomic_write_json(directory / "state.json", state)  # the commit point of this layer
             if fault_after and layer + 1 >= fault_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        head = walk.head(hidden.quantized)
+        head = client.head(hidden.main)
         if head:
             _save_atomic(_packed_state(head), directory / "head.safetensors")
         state["head"] = True
@@ -197,7 +186,7 @@ def coverage_document(plan: QuantPlan, run: CalibrationRun, layers: list[dict[st
             "all_experts": settings.all_experts,
             "min_tokens": settings.min_tokens,
             "fallback": settings.fallback.value,
-            "fp_target": settings.method == Method.GPTQ and settings.gptq.fp_target,
+            "fp_target": settings.paired,
             "router_weight": settings.gptq.router_weight if settings.method == Method.GPTQ else 0.0,
         },
         "layers": layers,

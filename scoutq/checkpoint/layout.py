@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from scoutq.model.config import TextConfig
+from scoutq.checkpoint.config import TextConfig
 
 
 class Role(StrEnum):

@@ -7,7 +7,6 @@ No timestamps or host names: the same inputs give a byte-identical manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -16,15 +15,6 @@ from scoutq.checkpoint.reader import INDEX_NAME, Checkpoint
 from scoutq.checkpoint.rows import _data_start
 
 MANIFEST_NAME = "scoutq-manifest.json"
-HASH_CHUNK = 16 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def source_fingerprint(checkpoint: Checkpoint) -> str:
@@ -64,9 +54,8 @@ def write_manifest(directory: Path, body: dict[str, Any], file_hashes: dict[str,
     return manifest
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads((Path(directory) / MANIFEST_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
+def read_manifest(directory: Path, identity: str | None = None) -> dict[str, Any] | None:
+    """The manifest, or None when missing or unreadable (or, with `identity`, of another run)."""
+    from scoutq.checkpoint.writer import read_json_state
+
+    return read_json_state(Path(directory) / MANIFEST_NAME, identity)

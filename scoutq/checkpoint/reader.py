@@ -2,21 +2,22 @@
 
 `Checkpoint.open` validates the directory up front, reading headers only: config.json, the
 shard index (every file inside the directory, every indexed tensor present in its shard),
-and each shard's header against its real size. Tensor data is read on demand through
-`safe_open` (mmap), and a routed expert is read as one slice of the fused tensor, so
-reading expert 3 of a 2.7 GB `gate_up_proj` touches 1/16 of it.
+and each shard's header against its real size. Tensor data is read on demand with positioned
+reads (rows.py; not safetensors' mmap, whose touched pages would stay resident), and a routed
+expert is read as its own rows of the fused tensors, so reading expert 3 of a 2.7 GB
+`gate_up_proj` touches 1/16 of it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from safetensors import safe_open
 
+from scoutq.checkpoint.config import TextConfig, parse_text_config, read_config_json
 from scoutq.checkpoint.layout import (
     MULTIMODAL,
     TEXT_ONLY,
@@ -26,13 +27,12 @@ from scoutq.checkpoint.layout import (
     expected_text_shapes,
     expected_vision_shapes,
 )
+from scoutq.checkpoint.rows import read_rows, read_tensor
 from scoutq.checkpoint.safetensors_io import DTYPES, TensorInfo, read_header
 from scoutq.errors import CheckpointError
-from scoutq.model.config import TextConfig, parse_text_config, read_config_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-ExpertProj = Literal["gate", "up", "down"]
 _DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -82,7 +82,6 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     shard_files: list[Path]
     weightless: bool = False  # built from config.json alone: shapes, no data
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -165,14 +164,6 @@ class Checkpoint:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def _handle(self, file: Path) -> Any:
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as err:  # safetensors raises its own SafetensorError
-                raise CheckpointError(f"{file}: cannot open as safetensors ({err})") from None
-        return self._handles[file]
-
     def info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
@@ -181,28 +172,24 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """One whole tensor, as stored."""
-        info = self.info(name)
-        return self._handle(info.file).get_tensor(name)
+        return read_tensor(self.info(name))
 
-    def read_expert(self, layer: int, expert: int, proj: ExpertProj) -> torch.Tensor:
-        """One routed expert's projection as an nn.Linear weight [out, in], read as a slice.
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 of a tensor, as stored."""
+        return read_rows(self.info(name), start, stop)
+
+    def read_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One routed expert's (gate, up, down) as nn.Linear weights [out, in], in the stored dtype,
+        read as that expert's rows of the fused tensors.
 
         gate and up are the two halves of `gate_up_proj[e]` ([D, 2F], gate first); down is
-        `down_proj[e]` ([F, D]). Stored as [in, out], so the slice is transposed here.
+        `down_proj[e]` ([F, D]). Both are stored [in, out], hence the transposes.
         """
-        if proj == "down":
-            name = self.layout.down_key(layer)
-            stored = self._handle(self.info(name).file).get_slice(name)[expert]  # [F, D]
-        else:
-            name = self.layout.gate_up_key(layer)
-            width = self.config.intermediate_size
-            columns = slice(0, width) if proj == "gate" else slice(width, 2 * width)
-            stored = self._handle(self.info(name).file).get_slice(name)[expert, :, columns]  # [D, F]
-        return stored.t().contiguous()
+        width = self.config.intermediate_size
+        gate_up = self.read_rows(self.layout.gate_up_key(layer), expert, expert + 1)[0]
+        down = self.read_rows(self.layout.down_key(layer), expert, expert + 1)[0]
+        return gate_up[:, :width].t().contiguous(), gate_up[:, width:].t().contiguous(), down.t().contiguous()
 
     def dtype(self, name: str) -> torch.dtype:
         """The torch dtype a tensor is stored in (from its header)."""
         return DTYPES[self.info(name).dtype]
-
-    def close(self) -> None:
-        self._handles.clear()

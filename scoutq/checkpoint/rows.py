@@ -39,16 +39,30 @@ def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
     row_shape = info.shape[1:]
     row_bytes = math.prod(row_shape) * ITEM_SIZE[info.dtype]
     count = stop - start
-    buffer = bytearray(count * row_bytes)
-    offset = _data_start(info.file) + info.begin + start * row_bytes
-    view = memoryview(buffer)
-    done = 0
-    with open(info.file, "rb", buffering=0) as handle:
-        while done < len(buffer):
-            got = os.preadv(handle.fileno(), [view[done:]], offset + done)
-            if got == 0:
-                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
-            done += got
+    buffer = _pread(info, start * row_bytes, count * row_bytes)
     if not buffer:
         return torch.empty((0, *row_shape), dtype=DTYPES[info.dtype])
     return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(count, *row_shape)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """A whole stored tensor (scalars included), as a new tensor of its dtype."""
+    if info.shape:
+        return read_rows(info, 0, info.shape[0])
+    buffer = _pread(info, 0, ITEM_SIZE[info.dtype])
+    return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(())
+
+
+def _pread(info: TensorInfo, offset: int, size: int) -> bytearray:
+    """`size` bytes from `offset` inside the tensor's data, read in full or a clear error."""
+    buffer = bytearray(size)
+    start = _data_start(info.file) + info.begin + offset
+    view = memoryview(buffer)
+    done = 0
+    with open(info.file, "rb", buffering=0) as handle:
+        while done < size:
+            got = os.preadv(handle.fileno(), [view[done:]], start + done)
+            if got == 0:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+            done += got
+    return buffer

@@ -3,6 +3,10 @@
 Each shard is streamed to a hidden temporary name in the destination and renamed when its
 last byte is written and synced; the index is written last, the same way. A reader therefore
 never sees a half-written shard under a real name, and a crash leaves only `.partial` files.
+
+`atomic_path` is that one pattern for any file or directory scoutq writes; `atomic_write_json`
+and `read_json_state` are the write and the tolerant read of small JSON state files (journals,
+stamps, manifests).
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,18 +39,64 @@ class TensorSpec:
         return math.prod(self.shape) * ITEM_SIZE[self.dtype]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Write `path` all at once: yields the hidden temporary `.NAME.partial` beside it, to be
+    written (a file, or a directory) inside the block.
+
+    When the block ends normally the temporary is fsynced (a directory: its entries, not its
+    files, which each writer syncs itself) and `os.replace`d onto `path`, so readers see the old
+    content or the whole new one, never a part. When it raises, the temporary is removed. A
+    temporary left by an earlier crash is removed before the block starts. `path` must not be a
+    non-empty directory when the block ends (rename cannot replace one).
+    """
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    _remove(partial)
+    try:
+        yield partial
+        _fsync(partial)
+        os.replace(partial, path)
+    except BaseException:
+        _remove(partial)
+        raise
 
 
-def atomic_write_json(path: Path, value: object) -> None:
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as partial:
+        partial.write_bytes(data)
+
+
+def atomic_write_json(path: str | Path, value: object) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def read_json_state(path: str | Path, identity: str | None = None) -> dict[str, Any] | None:
+    """A JSON object written by atomic_write_json, or None when it is missing, unreadable, not
+    a JSON object, or (with `identity`) its "identity" field differs: state from another run,
+    or none, which the caller then starts afresh."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(value, dict) or (identity is not None and value.get("identity") != identity):
+        return None
+    return value
 
 
 def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -88,20 +141,18 @@ def write_sharded(
     weight_map: dict[str, str] = {}
     for number, shard in enumerate(shards):
         final = directory / shard_name(number, len(shards))
-        partial = final.with_name(f".{final.name}.partial")
-        writer = StreamingWriter(partial, [(s.name, s.dtype, s.shape) for s in shard])
-        try:
-            for spec in shard:
-                for piece in produce(spec):
-                    writer.write(spec.name, piece)
-                    if on_bytes:
-                        on_bytes(piece.numel() * piece.element_size())
-            writer.close()
-        except BaseException:
-            writer.abort()
-            partial.unlink(missing_ok=True)
-            raise
-        os.replace(partial, final)
+        with atomic_path(final) as partial:
+            writer = StreamingWriter(partial, [(s.name, s.dtype, s.shape) for s in shard])
+            try:
+                for spec in shard:
+                    for piece in produce(spec):
+                        writer.write(spec.name, piece)
+                        if on_bytes:
+                            on_bytes(piece.numel() * piece.element_size())
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
         paths.append(final)
         weight_map |= {spec.name: final.name for spec in shard}
     if len(shards) > 1:

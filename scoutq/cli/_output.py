@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any
 
+from rich import filesize
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -66,11 +67,8 @@ def step_progress(description: str) -> Progress:
 
 
 def human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(count) < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
-        count /= 1000
-    raise AssertionError("unreachable")
+    """Decimal units as README and the GB/s figures use them: "4.71 MB", "217.00 GB", "512 bytes"."""
+    return filesize.decimal(int(count), precision=2)
 
 
 def human_count(count: float) -> str:

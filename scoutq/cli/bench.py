@@ -34,7 +34,6 @@ def kernels(
 ) -> None:
     """One expert projection [8192 x 5120]: fp32, bf16, int8, int4 (and bitsandbytes), 1-64 tokens."""
     from scoutq.bench.kernels import as_dicts, kernel_rows
-
     from scoutq.kernels import native
 
     with console.status("timing kernels at Scout's expert shape"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json as jsonlib
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +11,7 @@ import torch
 import typer
 
 from scoutq.checkpoint.reader import require_directory
-from scoutq.checkpoint.writer import atomic_write_json
+from scoutq.checkpoint.writer import atomic_write_bytes, atomic_write_json
 from scoutq.cli._output import console, error_console, result_json, step_progress_plain, table
 from scoutq.errors import ScoutqError
 
@@ -94,9 +93,9 @@ def eval_command(
             task = progress.add_task("evaluate", total=windows.shape[0])
             comparison = compare_models(candidate, reference_model, windows, batch_size,
                                         on_batch=lambda done: progress.update(task, completed=done))
-        if reference_model is not None and "quantization_config" in jsonlib.loads((model / "config.json").read_text()):
-            errors = error_tables(model, reference, reference_model, windows)  # type: ignore[arg-type]
         del reference_model
+        if reference is not None and "quantization_config" in jsonlib.loads((model / "config.json").read_text()):
+            errors = error_tables(model, reference, windows)
         if latency:
             from scoutq.evaluate.latency import measure_latency
 
@@ -132,9 +131,9 @@ def eval_command(
 def _walked(model: Path, reference: Path | None, stored: bool, dataset: str, texts: list[str] | None, seq_len: int,
             samples: int | None, top_k: int, save_to: Path | None) -> Any:
     """Layer-walked scores of the reference (walked, or read from a stored file) and the model."""
+    from scoutq.checkpoint.config import load_text_config
     from scoutq.evaluate.walked import load_reference, save_reference, walk_scores, walked_comparison
     from scoutq.evaluate.windows import evaluation_windows
-    from scoutq.model.config import load_text_config
 
     experts = load_text_config(model).num_local_experts
     reference_scores = None
@@ -169,9 +168,7 @@ def _version() -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _write_plots(report: dict[str, Any], directory: Path) -> None:
@@ -182,9 +179,14 @@ def _write_plots(report: dict[str, Any], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     errors = report["quantization_error"]
     if errors is not None and errors["layers"]:
-        for key, title in (("weight_sqnr_db", "expert weight SQNR dB"), ("output_sqnr_db", "expert output SQNR dB")):
+        for key, title, missing in (("weight_sqnr_db", "Expert weight SQNR", "all-zero weights"),
+                                    ("output_sqnr_db", "Expert output SQNR", "no tokens routed")):
             values = np.array([[np.nan if v is None else v for v in row] for row in errors[key]], dtype=float)
-            heatmap_png(directory / f"{key}.png", values, title, value_label="dB")
+            # The JSON report stores +/-inf (an exactly reproduced expert) as +/-1e308: undo that, or
+            # one such cell would stretch the colour scale until every other cell looks the same.
+            values = np.where(np.abs(values) >= 1e308, np.sign(values) * np.inf, values)
+            heatmap_png(directory / f"{key}.png", values, f"{title} per MoE layer", value_label="SQNR (dB)",
+                        missing_label=missing, row_ids=errors["layers"])
     elif report["reference"] is not None:
         error_console.print("[yellow]note:[/] the model is not quantized: no expert error heatmaps")
     if report["routing"]:
@@ -192,4 +194,5 @@ def _write_plots(report: dict[str, Any], directory: Path) -> None:
         reference = None
         if report["routing"][0]["reference_expert_share"] is not None:
             reference = np.array([entry["reference_expert_share"] for entry in report["routing"]], dtype=float)
-        bar_chart_png(directory / "routing.png", shares, "tokens per expert", reference=reference)
+        bar_chart_png(directory / "routing.png", shares, "Share of routed tokens per expert", reference=reference,
+                      row_ids=[entry["layer"] for entry in report["routing"]])

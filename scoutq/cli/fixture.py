@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from scoutq.checkpoint.writer import atomic_write_json
 from scoutq.cli._output import byte_progress, console, human_bytes, result_json, step_progress
 from scoutq.errors import ScoutqError
 from scoutq.fixtures import STAMP_NAME, Preset, fixture_identity, read_stamp
@@ -73,7 +73,7 @@ def fixture(
             report = build_tiny_trained(out, seed=seed, texts=text, overwrite=overwrite, on_step=show)
 
     stamp = {**identity, **report}
-    (out / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
+    atomic_write_json(out / STAMP_NAME, stamp)
     if json_output:
         result_json(stamp)
         return

@@ -9,15 +9,16 @@ from typing import Annotated
 
 import typer
 
+from scoutq.calibrate.estimate import estimate_calibration_memory
 from scoutq.calibrate.job import CalibrationRun
-from scoutq.calibrate.sets import calibration_batch, load_calibration_set
-from scoutq.calibrate.walk import WalkSettings
+from scoutq.calibrate.quantizer import CalibrationSettings
 from scoutq.checkpoint.reader import Checkpoint
-from scoutq.cli._calibration import calibration_progress, coverage_summary, estimate_calibration_memory
+from scoutq.cli._calibration import calibration_progress, coverage_summary
 from scoutq.cli._output import byte_progress, console, error_console, human_bytes, result_json, table
+from scoutq.data.sets import calibration_batch, load_calibration_set
 from scoutq.errors import ScoutqError
-from scoutq.pipeline.plan import QuantPlan, build_plan
 from scoutq.pipeline.quantize import estimate_peak_memory, quantize_checkpoint
+from scoutq.quant.plan import QuantPlan, build_plan
 from scoutq.quant.recipe import Recipe, load_recipe
 
 EXAMPLES = """Examples:
@@ -138,7 +139,7 @@ def quantize(
         assert settings is not None
         batch = calibration_batch(load_calibration_set(settings.dataset), Path(src), settings.samples,
                                   settings.seq_len, settings.seed)
-        run = CalibrationRun(batch, WalkSettings.from_recipe(chosen))
+        run = CalibrationRun(batch, CalibrationSettings.from_recipe(chosen))
     try:
         with calibration_progress(enabled=run is not None) as (on_layer, on_step):
             with byte_progress(plan.recipe.name) as progress:

@@ -17,21 +17,19 @@ loading the model and every run here, warm-up included.
 from __future__ import annotations
 
 import dataclasses
-import os
 import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
 from scoutq.errors import ScoutqError
 
-_STATM = Path("/proc/self/statm")
 _MAX_ATTRIBUTE_DEPTH = 4  # QuantLinear -> matmul -> PackedWeight -> tensor, with one level to spare
 
 
@@ -49,7 +47,7 @@ class LatencyReport:
     time_to_first_token_s: float
     decode: dict[int, dict[str, float]]
     peak_rss_bytes: int
-    rss_bytes: int | None  # None where /proc/self/statm does not exist (not Linux)
+    rss_bytes: int  # resident set at the end of the measurement
     gpu_peak_bytes: int | None
     weight_bytes: int
     device: str
@@ -194,18 +192,18 @@ def _decode(model: nn.Module, new_cache: Callable[[], Any], prompts: torch.Tenso
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set so far (getrusage: KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set so far (getrusage: KiB on Linux, bytes on macOS).
+
+    Not psutil: its memory_info() is the resident set now, with a high-water mark only on
+    Windows; the kernel's ru_maxrss is the peak on Linux and macOS.
+    """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
-def current_rss_bytes() -> int | None:
-    """The process's resident set now, from /proc/self/statm (None where it does not exist)."""
-    try:
-        resident_pages = int(_STATM.read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+def current_rss_bytes() -> int:
+    """The process's resident set now."""
+    return int(psutil.Process().memory_info().rss)
 
 
 def weight_bytes(model: nn.Module) -> int:

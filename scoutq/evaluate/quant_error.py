@@ -8,8 +8,9 @@
 
 Both are in dB (higher is better; int4 g128 is around 20 dB, int8 around 45 dB). An expert no
 evaluation token reaches gets NaN output SQNR. The shared expert gets one entry per layer.
-Inputs are captured from the resident reference model with forward hooks on each MoE block,
-on the first `max_windows` windows only: enough tokens for a stable ratio, bounded memory.
+The inputs are the reference's own: this module is a client of the layer stream walking the
+reference checkpoint (one layer and one expert resident, so it works for models larger than
+memory), over the first `max_windows` windows only: enough tokens for a stable ratio.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from scoutq.calibrate.weights import DenseWeights
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import ScoutqError
-from scoutq.model.moe import MoE, swiglu_intermediate
+from scoutq.model.moe import swiglu_intermediate
+from scoutq.stream.hooks import ExpertInput, ModuleInput, StreamClient, Weights
+from scoutq.stream.walk import LayerStream
+from scoutq.stream.weights import DenseWeights
 
 PROJECTIONS = ("gate", "up", "down")
 
@@ -52,63 +55,54 @@ def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.T
     return swiglu_intermediate(x, gate, up) @ down.t()
 
 
-def _capture_moe_inputs(reference: torch.nn.Module, windows: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Each MoE block's input [tokens, D] (fp32) when the reference runs the windows."""
-    captured: dict[int, list[torch.Tensor]] = {}
-    handles = []
-    for index, layer in enumerate(reference.layers):  # type: ignore[union-attr]
-        if isinstance(layer.feed_forward, MoE):
-            def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], index: int = index) -> None:
-                captured.setdefault(index, []).append(inputs[0].detach().float())
-            handles.append(layer.feed_forward.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for start in range(0, windows.shape[0], 4):
-                reference(windows[start : start + 4])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {index: torch.cat(parts) for index, parts in captured.items()}
+def _weight_sqnr(source: Weights, candidate: Weights) -> float:
+    return sqnr_db(sum(float(w.square().sum()) for w in source),
+                   sum(float((w - q).square().sum()) for w, q in zip(source, candidate, strict=True)))
 
 
-def error_tables(candidate_dir: Path, reference_dir: Path, reference: torch.nn.Module, windows: torch.Tensor,
-                 max_windows: int = 8) -> ErrorTables:
+def _output_sqnr(x: torch.Tensor, source: Weights, candidate: Weights) -> float:
+    y_ref, y_q = _swiglu(x, *source), _swiglu(x, *candidate)
+    return sqnr_db(float(y_ref.square().sum()), float((y_ref - y_q).square().sum()))
+
+
+class ExpertErrors(StreamClient):
+    """Walks the reference with its own weights; at each expert and shared expert, compares the
+    candidate's weights and outputs on the inputs the reference gives that expert."""
+
+    def __init__(self, candidate: DenseWeights, tables: ErrorTables):
+        self.candidate = candidate
+        self.tables = tables
+
+    def routing(self, layer: int, experts: torch.Tensor) -> None:
+        self.tables.layers.append(layer)
+        for row in (self.tables.weight_sqnr_db, self.tables.output_sqnr_db, self.tables.tokens):
+            row.append([])
+
+    def mlp(self, names: tuple[str, str, str], weights: Weights, inputs: ModuleInput) -> Weights:
+        if ".shared_expert." in names[0]:  # the MoE layers' shared expert, not a dense layer's MLP
+            candidate = tuple(self.candidate.linear(name) for name in names)
+            self.tables.shared_weight_sqnr_db.append(_weight_sqnr(weights, candidate))
+            self.tables.shared_output_sqnr_db.append(_output_sqnr(inputs.x, weights, candidate))
+        return weights
+
+    def expert(self, names: tuple[str, str, str], weights: Weights, inputs: ExpertInput) -> Weights:
+        candidate = self.candidate.expert(inputs.layer, inputs.expert)
+        routed = inputs.x  # score-scaled, as the model multiplies them
+        self.tables.weight_sqnr_db[-1].append(_weight_sqnr(weights, candidate))
+        self.tables.tokens[-1].append(int(routed.shape[0]))
+        self.tables.output_sqnr_db[-1].append(_output_sqnr(routed, weights, candidate) if routed.shape[0] else math.nan)
+        return weights
+
+
+def error_tables(candidate_dir: Path, reference_dir: Path, windows: torch.Tensor, max_windows: int = 8) -> ErrorTables:
     """Weight and output SQNR of every routed expert (and shared expert) of every MoE layer."""
-    candidate, source = DenseWeights(Checkpoint.open(candidate_dir)), DenseWeights(Checkpoint.open(reference_dir))
-    config = source.checkpoint.config
-    if candidate.checkpoint.config.num_local_experts != config.num_local_experts:
+    candidate, source = Checkpoint.open(candidate_dir), Checkpoint.open(reference_dir)
+    if candidate.config.num_local_experts != source.config.num_local_experts:
         raise ScoutqError(f"{candidate_dir} and {reference_dir} have different numbers of experts")
-    inputs = _capture_moe_inputs(reference, windows[:max_windows])
-    layout = source.checkpoint.layout
-    tables = ErrorTables(sorted(inputs), [], [])
-    for layer in tables.layers:
-        x = inputs[layer]
-        moe = reference.layers[layer].feed_forward  # type: ignore[index, union-attr]
-        with torch.inference_mode():
-            logits = moe.router(x.to(moe.router.weight.dtype)).float()
-        top_logits, chosen = torch.topk(logits, config.num_experts_per_tok, dim=-1)
-        scores = torch.sigmoid(top_logits)
-        weight_row, output_row, token_row = [], [], []
-        for expert in range(config.num_local_experts):
-            ref_w, cand_w = list(source.expert(layer, expert)), list(candidate.expert(layer, expert))
-            weight_row.append(sqnr_db(sum(float(w.square().sum()) for w in ref_w),
-                                      sum(float((w - q).square().sum()) for w, q in zip(ref_w, cand_w, strict=True))))
-            token, slot = torch.nonzero(chosen == expert, as_tuple=True)
-            routed = x[token] * scores[token, slot, None]
-            token_row.append(int(token.numel()))
-            if token.numel() == 0:
-                output_row.append(math.nan)
-                continue
-            y_ref, y_q = _swiglu(routed, *ref_w), _swiglu(routed, *cand_w)
-            output_row.append(sqnr_db(float(y_ref.square().sum()), float((y_ref - y_q).square().sum())))
-        tables.weight_sqnr_db.append(weight_row)
-        tables.output_sqnr_db.append(output_row)
-        tables.tokens.append(token_row)
-
-        shared = [layout.layer_key(layer, f"feed_forward.shared_expert.{p}_proj") for p in PROJECTIONS]
-        ref_s, cand_s = [source.linear(m) for m in shared], [candidate.linear(m) for m in shared]
-        tables.shared_weight_sqnr_db.append(sqnr_db(sum(float(w.square().sum()) for w in ref_s),
-                                                    sum(float((w - q).square().sum()) for w, q in zip(ref_s, cand_s, strict=True))))
-        y_ref, y_q = _swiglu(x, *ref_s), _swiglu(x, *cand_s)
-        tables.shared_output_sqnr_db.append(sqnr_db(float(y_ref.square().sum()), float((y_ref - y_q).square().sum())))
+    tables = ErrorTables([], [], [])
+    stream = LayerStream(source, ExpertErrors(DenseWeights(candidate), tables))
+    hidden = stream.start(windows[:max_windows])
+    with torch.inference_mode():
+        for layer in range(source.config.num_hidden_layers):
+            hidden = stream.layer(layer, hidden)
     return tables

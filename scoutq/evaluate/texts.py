@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from scoutq.calibrate.sets import load_calibration_set, read_documents
+from scoutq.data.sets import load_calibration_set, read_documents
 
 
 def evaluation_texts(dataset: str) -> tuple[str, list[str] | None]:

@@ -1,9 +1,9 @@
 """Evaluation of a model larger than memory: the layer stream instead of a resident model.
 
 The evaluation windows' hidden states pass through the checkpoint one decoder layer at a time
-(scoutq.calibrate.walk.LayerWalk, with nothing quantized; experts one at a time), so peak
-memory is one layer plus the hidden states. At the end the final norm and lm_head run over
-the vocabulary in row blocks, and only per-token results are kept:
+(scoutq.stream: this module is a client that keeps the weights as stored and records the
+routing), so peak memory is one layer plus the hidden states. At the end the final norm and
+lm_head run over the vocabulary in row blocks, and only per-token results are kept:
 
     NLL of the target, argmax, the top-k log-probabilities with their token ids,
     and, when a reference is given, this model's log-probabilities at the reference's top-k ids.
@@ -30,16 +30,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from scoutq.calibrate.walk import Hidden, LayerWalk, WalkSettings
 from scoutq.checkpoint.reader import Checkpoint
-from scoutq.checkpoint.rows import read_rows
+from scoutq.checkpoint.writer import atomic_path
 from scoutq.errors import ScoutqError
 from scoutq.evaluate.compare import Comparison
 from scoutq.evaluate.metrics import perplexity_with_interval, summarize_kl
-from scoutq.model.llama4 import rms_normalize
-from scoutq.quant.recipe import Method
+from scoutq.stream.hooks import StreamClient
+from scoutq.stream.walk import LayerStream
 
-VOCAB_BLOCK = 8192  # lm_head rows per block: bounds the [tokens, block] logits
 REFERENCE_FORMAT = "scoutq-reference-topk/1"
 
 
@@ -56,35 +54,29 @@ class TokenScores:
     at_reference: torch.Tensor | None = None  # [N, k] this model's log-probs at the reference's top ids
 
 
-def _head_scores(checkpoint: Checkpoint, walk: LayerWalk, hidden: torch.Tensor, targets: torch.Tensor, top_k: int,
+class RoutingRecorder(StreamClient):
+    """The evaluation client: computes with the weights as stored, keeps each MoE layer's routing."""
+
+    def __init__(self) -> None:
+        self.chosen: dict[int, torch.Tensor] = {}  # MoE layer -> [N, k] experts
+
+    def routing(self, layer: int, experts: torch.Tensor) -> None:
+        self.chosen[layer] = experts
+
+
+def _head_scores(stream: LayerStream, hidden: torch.Tensor, targets: torch.Tensor, top_k: int,
                  reference_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """One pass over lm_head in row blocks with running log-sum-exp, argmax and top-k."""
-    config = checkpoint.config
-    normed = rms_normalize(hidden, config.rms_norm_eps) * walk.weights.tensor(checkpoint.layout.norm_key)
-    tokens = normed.shape[0]
-    key = checkpoint.layout.lm_head_key if not config.tie_word_embeddings else checkpoint.layout.embed_key
-    module = key.removesuffix(".weight")
-    if key in checkpoint.tensors:
-        info = checkpoint.info(key)
-
-        def rows(start: int, stop: int) -> torch.Tensor:
-            return read_rows(info, start, stop).float()
-    else:  # a quantized lm_head: dequantized once (it is a fraction of the model)
-        dense = walk.weights.linear(module)
-
-        def rows(start: int, stop: int) -> torch.Tensor:
-            return dense[start:stop]
-    vocab = config.vocab_size
-    k = min(top_k, vocab)
+    tokens = hidden.shape[0]
+    k = min(top_k, stream.config.vocab_size)
     running_max = torch.full((tokens,), -torch.inf, dtype=torch.float64)
     running_sum = torch.zeros(tokens, dtype=torch.float64)
     target_logit = torch.zeros(tokens, dtype=torch.float64)
     top_values = torch.full((tokens, k), -torch.inf)
     top_ids = torch.zeros(tokens, k, dtype=torch.int64)
     at_reference = None if reference_ids is None else torch.zeros(reference_ids.shape, dtype=torch.float64)
-    for start in range(0, vocab, VOCAB_BLOCK):
-        stop = min(start + VOCAB_BLOCK, vocab)
-        logits = normed @ rows(start, stop).t()  # [tokens, block] fp32
+    for start, logits in stream.logit_blocks(hidden):  # [tokens, block] fp32
+        stop = start + logits.shape[1]
         block = logits.double()
         block_max = block.amax(dim=1)
         new_max = torch.maximum(running_max, block_max)
@@ -112,23 +104,20 @@ def _head_scores(checkpoint: Checkpoint, walk: LayerWalk, hidden: torch.Tensor, 
 def walk_scores(path: Path, windows: torch.Tensor, top_k: int = 64, reference: TokenScores | None = None,
                 on_layer: Callable[[int, int], None] | None = None) -> TokenScores:
     """Walk `path` layer by layer over the windows; per-token scores (see the module docstring)."""
-    checkpoint = Checkpoint.open(path)
-    config = checkpoint.config
-    walk = LayerWalk(checkpoint, None, WalkSettings(Method.RTN))
+    recorder = RoutingRecorder()
+    stream = LayerStream(Checkpoint.open(path), recorder)
+    layers = stream.config.num_hidden_layers
     inputs, targets = windows[:, :-1], windows[:, 1:].reshape(-1)
-    hidden = Hidden(walk.embed(inputs))
-    routing: dict[int, torch.Tensor] = {}
+    hidden = stream.start(inputs)
     with torch.inference_mode():
-        for layer in range(config.num_hidden_layers):
+        for layer in range(layers):
             if on_layer is not None:
-                on_layer(layer, config.num_hidden_layers)
-            hidden, result = walk.layer(layer, hidden)
-            if result.routing is not None:
-                routing[layer] = result.routing
+                on_layer(layer, layers)
+            hidden = stream.layer(layer, hidden)
         reference_ids = reference.top_ids if reference is not None else None
         nll, argmax, top_ids, top_logprobs, at_reference = _head_scores(
-            checkpoint, walk, hidden.quantized.reshape(-1, hidden.quantized.shape[-1]), targets, top_k, reference_ids)
-    return TokenScores(windows, nll, argmax, top_ids, top_logprobs, routing,
+            stream, hidden.main.reshape(-1, hidden.main.shape[-1]), targets, top_k, reference_ids)
+    return TokenScores(windows, nll, argmax, top_ids, top_logprobs, recorder.chosen,
                        None if at_reference is None else at_reference.float())
 
 
@@ -179,9 +168,8 @@ def save_reference(scores: TokenScores, path: Path, description: dict[str, objec
     tensors = {"windows": scores.windows, "nll": scores.nll, "argmax": scores.argmax, "top_ids": scores.top_ids,
                "top_logprobs": scores.top_logprobs}
     tensors |= {f"routing.{layer}": chosen.contiguous() for layer, chosen in scores.routing.items()}
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial), metadata={"format": REFERENCE_FORMAT, "description": json.dumps(description)})
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial), metadata={"format": REFERENCE_FORMAT, "description": json.dumps(description)})
 
 
 def load_reference(path: Path) -> tuple[TokenScores, dict[str, object]]:

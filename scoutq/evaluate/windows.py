@@ -1,7 +1,7 @@
 """Evaluation text as token windows, encoded with the checkpoint's own tokenizer.
 
 The builtin corpus's `evaluation` split shares no topic with the text the tiny-trained
-fixture was trained or calibrated on (scoutq.fixtures.corpus), so its perplexity is held out.
+fixture was trained or calibrated on (scoutq.data.corpus), so its perplexity is held out.
 Windows are cut exactly as the fixture's own evaluation cuts them (fixtures/trained.py): one
 stream of all documents, each opened by BOS, split into non-overlapping windows with the
 trailing partial window dropped. Equal-length windows need no padding, and "first N windows"
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from scoutq.calibrate.sets import load_tokenizer
+from scoutq.data.corpus import builtin_corpus
+from scoutq.data.tokens import load_tokenizer, token_stream
 from scoutq.errors import ScoutqError
-from scoutq.fixtures.corpus import builtin_corpus
-from scoutq.fixtures.trained import token_stream
 
 
 def evaluation_windows(

@@ -1,91 +1,131 @@
-"""scoutq's own int4 CPU kernel (int4_avx512.c), compiled on first use and called through ctypes.
+"""scoutq's own int4 CPU kernel, the torch op `torch.ops.scoutq.int4_matmul` (int4_avx512.cpp).
 
-PyTorch's `_weight_int4pack_mm_for_cpu` is compute-bound at one token on the CPUs measured
-here (field-notes F). The C kernel widens nibbles to bf16 in registers with one logic
-instruction and multiplies with the AVX-512 BF16 dot-product instruction, so a one-token matmul runs at a
+Why: PyTorch's `_weight_int4pack_mm_for_cpu` is compute-bound at one token on the CPUs measured
+here (field-notes F). This kernel widens nibbles to bf16 in registers with one logic instruction
+and multiplies with the AVX-512 BF16 dot-product instruction, so a one-token matmul runs at a
 much larger fraction of memory bandwidth (`scoutq bench kernels` prints both).
 
-The shared library is built with the system C compiler (`$CC`, else `cc`) into
-`$XDG_CACHE_HOME/scoutq/native/` under a hash of the source and flags (temporary name, then
-rename, so concurrent first uses are safe). Where the CPU lacks AVX-512 BF16, no compiler is
-found, or `SCOUTQ_NATIVE=0`, `library()` returns None with the reason in `status()`, and the
-cpu backend uses PyTorch's kernel instead.
+The op is `int4_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? zero_scales,
+int group_size) -> Tensor`: x [tokens, in] bf16, packed [out, in / 2] uint8 (`pack_int4`),
+scales and zero_scales (z * s) [out, in / group_size] fp32; it returns y [tokens, out] fp32.
+A fake (meta) implementation is registered too, so torch.compile can trace through it.
+
+It is built on first use by `torch.utils.cpp_extension.load` (the C++ compiler `$CXX`, else
+`c++`, and ninja) into `$XDG_CACHE_HOME/scoutq/torch_extensions/<python>_<torch>/` (else
+`~/.cache/...`), one folder per Python and torch version because the library is tied to
+torch's ABI; ninja rebuilds it when the source or flags change, and a lock file in the folder
+serialises concurrent first builds. Where the CPU lacks AVX-512 BF16, no compiler or ninja is
+found, the build fails, or `SCOUTQ_NATIVE=0`, `library()` returns None with the reason in
+`status()`, and the cpu backend uses PyTorch's kernel instead.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import functools
-import hashlib
 import os
 import platform
 import shutil
-import subprocess
-import tempfile
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 from scoutq.quant.packed import PackedWeight
 
-SOURCE = Path(__file__).with_name("int4_avx512.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
-CHUNK = 64  # inputs per packed run (int4_avx512.c); in_features and group size must be multiples
+SOURCE = Path(__file__).with_name("int4_avx512.cpp")
+NAME = "scoutq_int4_avx512"
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+STALE_LOCK_SECONDS = 600
+CHUNK = 64  # inputs per packed run (int4_avx512.cpp); in_features and group size must be multiples
 
 _status = "not loaded yet"
 
 
-def _cache_dir() -> Path:
+def build_directory() -> Path:
+    """Where the extension is built: the user's cache, one folder per Python and torch version."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "scoutq" / "native"
+    abi = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    return Path(base) / "scoutq" / "torch_extensions" / abi / NAME
 
 
-def _build(compiler: str) -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"int4_avx512-{digest}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-    os.close(handle)
-    try:
-        subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], check=True, capture_output=True, text=True)
-        os.replace(partial, target)
-    finally:
-        Path(partial).unlink(missing_ok=True)
-    return target
+def _cpu_problem() -> str | None:
+    """Why this CPU cannot run the kernel, or None. Asked before building: a build takes tens of
+    seconds, and code compiled for AVX-512 should not be loaded where it cannot run."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs an x86-64 CPU with AVX-512 BF16 (this is {platform.machine()})"
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if has_bf16 is None:
+        return f"torch {torch.__version__} cannot report AVX-512 BF16 support"
+    if not has_bf16():
+        return "this CPU lacks AVX-512 BF16"
+    return None
+
+
+def _toolchain_problem() -> str | None:
+    """Why the extension cannot be built here, or None."""
+    compiler = os.environ.get("CXX") or "c++"  # what torch.utils.cpp_extension runs
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler found ({compiler}; set CXX)"
+    if shutil.which("ninja") is None:
+        return "ninja not found on PATH (torch's extension builder needs it: pip install ninja)"
+    return None
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (see `status()` for why)."""
+def build() -> torch._ops.OpOverloadPacket:
+    """Build (or reuse) and load the extension and return its op, whatever the CPU; raises if the
+    build fails. The op itself refuses to run on a CPU without AVX-512 BF16. Cached: a torch
+    op namespace can be registered only once per process."""
+    from torch.utils import cpp_extension  # imports setuptools: only when a build is wanted
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    # torch's build lock outlives a build killed outright (SIGKILL, out of memory) and would make
+    # every later load wait forever; no build of this one file takes ten minutes.
+    with contextlib.suppress(FileNotFoundError):
+        lock = directory / "lock"
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+    cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                       build_directory=str(directory), is_python_module=False, verbose=False)
+
+    @torch.library.register_fake("scoutq::int4_matmul")
+    def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor | None,
+          group_size: int) -> torch.Tensor:
+        torch._check(x.dim() == 2 and packed.dim() == 2, lambda: "x and packed must be 2-D")
+        return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+
+    return torch.ops.scoutq.int4_matmul
+
+
+def _failure(error: Exception) -> str:
+    """A one-line reason from a failed build: the compiler's first error line, else the last."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    errors = [line for line in lines if "error:" in line]
+    return (errors[0] if errors else lines[-1])[:300]
+
+
+@functools.cache
+def library() -> torch._ops.OpOverloadPacket | None:
+    """The op `torch.ops.scoutq.int4_matmul`, or None (see `status()` for why)."""
     global _status
     if os.environ.get("SCOUTQ_NATIVE", "1") == "0":
         _status = "disabled by SCOUTQ_NATIVE=0"
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        _status = f"needs an x86-64 CPU with AVX-512 BF16 (this is {platform.machine()})"
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        _status = "no C compiler found (set CC)"
+    problem = _cpu_problem() or _toolchain_problem()
+    if problem is not None:
+        _status = problem
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except subprocess.CalledProcessError as failed:
-        _status = f"{compiler} failed: {(failed.stderr or '').strip().splitlines()[-1:] or failed.returncode}"
+        op = build()
+    except Exception as failed:  # noqa: BLE001 - any failure to build or load means the fallback, not a crash
+        _status = f"could not build or load the kernel in {build_directory()}: {_failure(failed)}"
         return None
-    except OSError as failed:
-        _status = f"could not build or load the kernel: {failed}"
-        return None
-    if not lib.scoutq_int4_supported():
-        _status = "this CPU lacks AVX-512 BF16"
-        return None
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.scoutq_int4_matmul.argtypes = [pointer] * 6 + [i64] * 4 + [ctypes.c_int]
-    lib.scoutq_int4_matmul.restype = None
     _status = "avx512-bf16"
-    return lib
+    return op
 
 
 def status() -> str:
@@ -110,13 +150,13 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 class NativeInt4Matmul:
-    """A PackedWeight repacked for int4_avx512.c; call it on activations [..., in]."""
+    """A PackedWeight repacked for scoutq::int4_matmul; call it on activations [..., in]."""
 
     def __init__(self, weight: PackedWeight):
-        lib = library()
-        if lib is None or not supports(weight):
+        op = library()
+        if op is None or not supports(weight):
             raise ValueError(f"the native int4 kernel cannot run this weight ({status()})")
-        self._lib = lib
+        self._op = op
         self.out_features, self.in_features = weight.shape
         self.group = weight.scheme.group_size or self.in_features
         self.packed = pack_int4(weight.unpacked())
@@ -127,13 +167,5 @@ class NativeInt4Matmul:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        tokens = rows.shape[0]
-        y = torch.empty(tokens, self.out_features, dtype=torch.float32)
-        # The kernel's per-group offset correction needs the sums of the activations it reads.
-        sums = rows.float().view(tokens, -1, self.group).sum(-1).contiguous()
-        self._lib.scoutq_int4_matmul(
-            self.packed.data_ptr(), self.scales.data_ptr(),
-            None if self.zero_scales is None else self.zero_scales.data_ptr(),
-            rows.data_ptr(), sums.data_ptr(), y.data_ptr(),
-            tokens, self.out_features, self.in_features, self.group, torch.get_num_threads())
+        y = self._op(rows, self.packed, self.scales, self.zero_scales, self.group)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

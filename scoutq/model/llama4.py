@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scoutq.model.config import RopeConfig, TextConfig
+from scoutq.checkpoint.config import RopeConfig, TextConfig
 from scoutq.model.moe import MLP, MoE
 
 
@@ -155,10 +155,24 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin for these positions
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), positions, rope, cache))
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [B, T, heads * head_dim], q_proj's output
+        k: torch.Tensor,  # [B, T, kv_heads * head_dim]
+        v: torch.Tensor,  # [B, T, kv_heads * head_dim]
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Everything between the projections: RoPE, QK norm, temperature, masked softmax
+        attention. Returns o_proj's input [B, T, heads * head_dim]. Separate from forward so the
+        layer stream can quantize o_proj after seeing its input."""
+        batch, length, _ = q.shape
+        q = q.view(batch, length, self.heads, self.head_dim)
+        k = k.view(batch, length, self.kv_heads, self.head_dim)
+        v = v.view(batch, length, self.kv_heads, self.head_dim)
 
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -176,7 +190,7 @@ class Attention(nn.Module):
 
         mask = causal_mask(positions, k.shape[2], self.chunk_size)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
+        return out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
 
 
 class DecoderLayer(nn.Module):

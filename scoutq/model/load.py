@@ -73,5 +73,4 @@ def load_model(
             tensor = tensor.transpose(-1, -2)
         state[param] = tensor.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, assign=True, strict=True)
-    checkpoint.close()
     return model.eval().requires_grad_(False)

@@ -12,12 +12,13 @@ computes only its own tokens: a sort and one matmul per active expert, no loop o
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scoutq.model.config import TextConfig
+from scoutq.checkpoint.config import TextConfig
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -68,6 +69,31 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     return scores, experts
 
 
+@dataclass(frozen=True)
+class ExpertGroups:
+    """A layer's (token, slot) pairs sorted by expert: the one grouping both the resident
+    runtime and the layer stream use, so every path computes each expert on the same rows."""
+
+    tokens: torch.Tensor  # [N * k] token index of each pair, grouped by expert
+    scores: torch.Tensor  # [N * k] the pair's gate value, in the same order
+    bounds: list[int]  # pairs of expert e are [bounds[e], bounds[e + 1])
+
+    @classmethod
+    def of(cls, scores: torch.Tensor, experts: torch.Tensor, num_experts: int) -> ExpertGroups:
+        """From route()'s scores and experts [N, k]."""
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tokens = torch.arange(experts.shape[0], device=experts.device).repeat_interleave(experts.shape[1])[order]
+        counts = torch.bincount(flat, minlength=num_experts)
+        bounds = [0, *torch.cumsum(counts, 0).tolist()]
+        return cls(tokens, scores.reshape(-1)[order], bounds)
+
+    def expert(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens routed to `expert` [n] and their gate values [n]."""
+        start, stop = self.bounds[expert], self.bounds[expert + 1]
+        return self.tokens[start:stop], self.scores[start:stop]
+
+
 def dispatch(
     x: torch.Tensor,  # [N, D]
     scores: torch.Tensor,  # [N, k]
@@ -76,20 +102,14 @@ def dispatch(
     expert_fn: ExpertFn,
 ) -> torch.Tensor:
     """Sum over each token's experts of expert_fn(e, score * x), computing grouped by expert."""
-    top_k = experts.shape[1]
-    flat_experts = experts.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
-    tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)[order]
-    inputs = x[tokens] * scores.reshape(-1, 1)[order]  # score-scaled, grouped by expert
-    counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
-
+    groups = ExpertGroups.of(scores, experts, num_experts)
+    inputs = x[groups.tokens] * groups.scores[:, None]  # score-scaled, grouped by expert
     outputs = torch.empty_like(inputs)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            outputs[start : start + count] = expert_fn(expert, inputs[start : start + count])
-        start += count
-    return torch.zeros_like(x).index_add_(0, tokens, outputs)
+    for expert in range(num_experts):
+        start, stop = groups.bounds[expert], groups.bounds[expert + 1]
+        if stop > start:
+            outputs[start:stop] = expert_fn(expert, inputs[start:stop])
+    return torch.zeros_like(x).index_add_(0, groups.tokens, outputs)
 
 
 class MoE(nn.Module):

@@ -16,7 +16,7 @@ from collections import defaultdict
 from typing import Any
 
 from scoutq.checkpoint.layout import Layout
-from scoutq.pipeline.plan import QuantPlan
+from scoutq.quant.plan import QuantPlan
 from scoutq.quant.scheme import Scheme
 
 # The compressed-tensors release whose schema this block follows (checked in tests with it).

@@ -8,10 +8,11 @@
   writing overlap. At most `workers + 1` finished units wait in memory.
 * Tensors above STREAMED_BYTES (embeddings, lm_head) never sit in memory whole: they are
   read, checked and (if the recipe says) quantized in row blocks as they are written.
-* Each shard is written under a hidden `.partial` name, fsynced, recorded with its sha256
-  in a journal, then renamed. A rerun of the same command finds the journal, re-checks the
-  finished shards' hashes and writes only the rest. config.json, the index, the copied
-  tokenizer files and finally the manifest are written last; the manifest marks completion.
+* Each shard is written under a hidden `.partial` name (checkpoint.writer.atomic_path),
+  fsynced, recorded with its sha256 in a journal, then renamed. A rerun of the same command
+  finds the journal, re-checks the finished shards' hashes and writes only the rest.
+  config.json, the index, the copied tokenizer files and finally the manifest are written
+  last; the manifest marks completion.
 * A calibrated recipe (gptq, clip) first runs the layer walk of scoutq.calibrate, which keeps
   each layer's quantized modules in DST/.scoutq-calibration (resumable per layer); the shard
   writer then copies those instead of rounding to nearest. coverage.json joins the output.
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -28,12 +30,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from scoutq.calibrate.estimate import RUNTIME_BASE_BYTES
 from scoutq.calibrate.job import (
     CALIBRATION_DIR,
     COVERAGE_NAME,
@@ -42,25 +47,25 @@ from scoutq.calibrate.job import (
     LayerProgressFn,
     run_calibration,
 )
-from scoutq.calibrate.walk import ProgressFn
+from scoutq.checkpoint.hashing import file_sha256
 from scoutq.checkpoint.manifest import (
     MANIFEST_NAME,
     library_versions,
     read_manifest,
-    sha256_file,
     source_fingerprint,
     write_manifest,
 )
 from scoutq.checkpoint.reader import INDEX_NAME, Checkpoint
 from scoutq.checkpoint.rows import read_rows
 from scoutq.checkpoint.safetensors_io import StreamingWriter, TensorInfo
-from scoutq.checkpoint.writer import atomic_write_json, plan_shards, shard_name
+from scoutq.checkpoint.writer import atomic_path, atomic_write_json, plan_shards, read_json_state, shard_name
 from scoutq.errors import ScoutqError
 from scoutq.pipeline.ct_config import quantization_config
-from scoutq.pipeline.plan import PlannedModule, QuantPlan
 from scoutq.quant import rtn
 from scoutq.quant.packed import PackedWeight
+from scoutq.quant.plan import PlannedModule, QuantPlan
 from scoutq.quant.rtn import rtn_quantize, rtn_quantize_input_major
+from scoutq.stream.hooks import ProgressFn
 
 JOURNAL_NAME = ".scoutq-journal.json"
 COMPILE_ABOVE_BYTES = 2 * 10**9  # compiling the kernels (~10-30 s once) pays off above this
@@ -253,11 +258,9 @@ def _prepare_destination(src: Path, dst: Path, identity: str, overwrite: bool) -
     if not dst.exists() or not any(dst.iterdir()):
         dst.mkdir(parents=True, exist_ok=True)
         return {}
-    manifest = read_manifest(dst)
-    if manifest and manifest.get("identity") == identity and not overwrite:
+    if not overwrite and read_manifest(dst, identity) is not None:
         return None
-    journal = _read_journal(dst)
-    if journal is not None and journal.get("identity") == identity and not overwrite:
+    if not overwrite and (journal := read_json_state(dst / JOURNAL_NAME, identity)) is not None:
         return dict(journal.get("shards", {}))
     if not overwrite:
         raise ScoutqError(
@@ -266,14 +269,6 @@ def _prepare_destination(src: Path, dst: Path, identity: str, overwrite: bool) -
     for entry in dst.iterdir():
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     return {}
-
-
-def _read_journal(dst: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads((dst / JOURNAL_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def quantize_checkpoint(
@@ -313,14 +308,14 @@ def quantize_checkpoint(
     if finished is None:
         if on_progress:
             on_progress(bytes_in)
-        coverage = _read_json(dst / COVERAGE_NAME) if calibration is not None else None
+        coverage = read_json_state(dst / COVERAGE_NAME) if calibration is not None else None
         return QuantizeReport(str(dst), identity, len(shards), len(shards), bytes_in, bytes_out,
                               time.perf_counter() - started, already_complete=True, warnings=plan.warnings,
                               coverage=coverage)
 
     # A journaled shard is kept only if its bytes still hash to what was recorded.
     kept = {name: digest for name, digest in finished.items() if name in names and (dst / name).is_file()
-            and sha256_file(dst / name) == digest}
+            and file_sha256(dst / name) == digest}
     journal: dict[str, Any] = {"identity": identity, "shards": dict(kept)}
     atomic_write_json(dst / JOURNAL_NAME, journal)
 
@@ -338,17 +333,16 @@ def quantize_checkpoint(
 
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     written = 0
-    writer: StreamingWriter | None = None
-    current = -1
 
-    def finish_shard() -> None:
-        assert writer is not None
-        writer.close()
-        # Journal first, then rename: a shard under its final name is always journaled, so an
-        # interrupt between the two never makes a resume rewrite a finished shard.
-        journal["shards"][names[current]] = writer.sha256.hexdigest()
-        atomic_write_json(dst / JOURNAL_NAME, journal)
-        os.replace(writer.path, dst / names[current])
+    def pieces() -> Iterator[tuple[int, str, torch.Tensor]]:
+        """(shard index, tensor name, whole tensor or row block) of every output still to write,
+        in file order; a unit's progress is reported once its last piece has been taken."""
+        for unit, outputs in _ordered_results(checkpoint, todo, workers, calibrated):
+            for name, piece in outputs:
+                if names[shard_of[name]] not in kept:
+                    yield shard_of[name], name, piece
+            if on_progress:
+                on_progress(unit.bytes_in)
 
     if compile_kernels is None:
         compile_kernels = rtn.compiler_available() and bytes_in > COMPILE_ABOVE_BYTES
@@ -356,29 +350,25 @@ def quantize_checkpoint(
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, torch_threads // max(workers, 1)))  # workers share the cores
     try:
-        for unit, outputs in _ordered_results(checkpoint, todo, workers, calibrated):
-            for name, piece in outputs:
-                index = shard_of[name]
-                if names[index] in kept:
-                    continue
-                if index != current:
-                    if writer is not None:
-                        finish_shard()
-                    current = index
-                    entries = [(spec.name, spec.dtype, spec.shape) for spec in shards[index]]
-                    writer = StreamingWriter(dst / f".{names[index]}.partial", entries)
-                writer.write(name, piece)  # type: ignore[union-attr]
-                written += piece.numel() * piece.element_size()
-                if fault_after and written >= fault_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            if on_progress:
-                on_progress(unit.bytes_in)
-        if writer is not None:
-            finish_shard()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+        with closing(pieces()) as stream:
+            for index, shard_pieces in itertools.groupby(stream, key=itemgetter(0)):
+                with atomic_path(dst / names[index]) as partial:
+                    writer = StreamingWriter(partial, [(spec.name, spec.dtype, spec.shape) for spec in shards[index]])
+                    try:
+                        for _, name, piece in shard_pieces:
+                            writer.write(name, piece)
+                            written += piece.numel() * piece.element_size()
+                            if fault_after and written >= fault_after:
+                                os.kill(os.getpid(), signal.SIGKILL)
+                        writer.close()
+                    except BaseException:
+                        writer.abort()
+                        raise
+                    # Journal first, then rename (leaving atomic_path): a shard under its final name
+                    # is always journaled, so an interrupt between the two never makes a resume
+                    # rewrite a finished shard.
+                    journal["shards"][names[index]] = writer.sha256.hexdigest()
+                    atomic_write_json(dst / JOURNAL_NAME, journal)
     finally:
         torch.set_num_threads(torch_threads)
         rtn.use_compiled(False)
@@ -386,14 +376,6 @@ def quantize_checkpoint(
     _finalize(src, dst, checkpoint, plan, shards, names, journal["shards"], identity, identity_body, coverage)
     return QuantizeReport(str(dst), identity, len(shards), len(kept), bytes_in, bytes_out,
                           time.perf_counter() - started, warnings=plan.warnings, coverage=coverage)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _finalize(
@@ -413,25 +395,24 @@ def _finalize(
         weight_map = {spec.name: names[i] for i, shard in enumerate(shards) for spec in shard}
         total = sum(spec.nbytes for spec in plan.specs)
         atomic_write_json(dst / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        file_hashes[INDEX_NAME] = sha256_file(dst / INDEX_NAME)
+        file_hashes[INDEX_NAME] = file_sha256(dst / INDEX_NAME)
 
     config = dict(checkpoint.config_json)
     config["quantization_config"] = quantization_config(plan, checkpoint.layout)
     atomic_write_json(dst / "config.json", config)
-    file_hashes["config.json"] = sha256_file(dst / "config.json")
+    file_hashes["config.json"] = file_sha256(dst / "config.json")
 
     # Tokenizer, generation config, chat template, processor configs: copied as they are.
     for entry in sorted(src.iterdir()):
         if (entry.is_file() and entry.name not in ("config.json", INDEX_NAME)
                 and not entry.name.endswith(WEIGHT_FILES) and not entry.name.startswith(("scoutq-", "."))):
-            partial = dst / f".{entry.name}.partial"
-            shutil.copyfile(entry, partial)
-            os.replace(partial, dst / entry.name)
-            file_hashes[entry.name] = sha256_file(dst / entry.name)
+            with atomic_path(dst / entry.name) as partial:
+                shutil.copyfile(entry, partial)
+            file_hashes[entry.name] = file_sha256(dst / entry.name)
 
     if coverage is not None:
         atomic_write_json(dst / COVERAGE_NAME, coverage)
-        file_hashes[COVERAGE_NAME] = sha256_file(dst / COVERAGE_NAME)
+        file_hashes[COVERAGE_NAME] = file_sha256(dst / COVERAGE_NAME)
 
     write_manifest(dst, {
         "format": "scoutq-manifest/1",
@@ -447,11 +428,6 @@ def _finalize(
     }, file_hashes)
     (dst / JOURNAL_NAME).unlink(missing_ok=True)
     shutil.rmtree(dst / CALIBRATION_DIR, ignore_errors=True)
-
-
-
-
-RUNTIME_BASE_BYTES = 450 * 1024 * 1024  # Python, torch and the thread pool, measured idle
 
 
 def estimate_peak_memory(plan: QuantPlan, workers: int) -> int:

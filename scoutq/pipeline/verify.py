@@ -24,7 +24,6 @@ weights in row blocks, so memory stays bounded whatever the checkpoint's size.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,8 @@ from typing import Any
 
 import torch
 
+from scoutq.checkpoint.config import TextConfig
+from scoutq.checkpoint.hashing import file_sha256
 from scoutq.checkpoint.layout import (
     MULTIMODAL,
     TEXT_ONLY,
@@ -44,12 +45,11 @@ from scoutq.checkpoint.layout import (
     expected_text_shapes,
     expected_vision_shapes,
 )
-from scoutq.checkpoint.manifest import HASH_CHUNK, MANIFEST_NAME
+from scoutq.checkpoint.manifest import MANIFEST_NAME
 from scoutq.checkpoint.reader import INDEX_NAME, SINGLE_NAME, read_index, require_directory
 from scoutq.checkpoint.rows import read_rows
 from scoutq.checkpoint.safetensors_io import TensorInfo, read_header
 from scoutq.errors import CheckpointError, ConfigError, ScoutqError
-from scoutq.model.config import TextConfig
 from scoutq.quant.ct_schema import (
     QuantGroup,
     group_for,
@@ -168,17 +168,18 @@ def check_files(dst: Path, manifest: dict[str, Any], on_progress: ProgressHook |
     if on_progress:
         on_progress(0, total)
     hashed = 0
+
+    def advance(count: int) -> None:
+        nonlocal hashed
+        hashed += count
+        if on_progress:
+            on_progress(count, total)
+
     for name, recorded in listed.items():
-        digest = hashlib.sha256()
-        with open(dst / name, "rb") as handle:
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
-                hashed += len(chunk)
-                if on_progress:
-                    on_progress(len(chunk), total)
-        if digest.hexdigest() != recorded:
+        digest = file_sha256(dst / name, on_bytes=advance)
+        if digest != recorded:
             raise CheckpointError(
-                f"{dst / name}: sha256 {digest.hexdigest()[:16]}... does not match the manifest's {recorded[:16]}... "
+                f"{dst / name}: sha256 {digest[:16]}... does not match the manifest's {recorded[:16]}... "
                 "(the file changed after it was written)"
             )
     return len(listed), hashed

@@ -17,27 +17,14 @@ error of the stored tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from scoutq.quant import primitives
 from scoutq.quant.packed import PackedWeight
-from scoutq.quant.rtn import qparams_from_range
 from scoutq.quant.scheme import Scheme
+from scoutq.quant.settings import ClipSettings
 
 ROW_BLOCK_ELEMENTS = 1 << 22  # weights per row block: bounds the [rows, groups, size] temporaries
-
-
-@dataclass(frozen=True)
-class ClipOptions:
-    grid: int = 20  # ratios tried between 1 and min_ratio (1: the full range only)
-    min_ratio: float = 0.5
-    signed_scales: bool = False  # symmetric: the extreme value maps to qmin (primitives.signed_scale)
-
-    def ratios(self) -> list[float]:
-        step = (1.0 - self.min_ratio) / max(self.grid - 1, 1)
-        return [1.0 - i * step for i in range(self.grid)]
 
 
 def _grouped(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
@@ -57,7 +44,7 @@ def weighted_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 
 def search_qparams(
     w: torch.Tensor, importance: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
-    options: ClipOptions = ClipOptions(),
+    options: ClipSettings = ClipSettings(),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and zero points) [out, groups] minimising the importance-weighted error.
 
@@ -75,8 +62,8 @@ def search_qparams(
         low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
         best_scale = best_zero = best_error = None
         for ratio in options.ratios():
-            scale, zero = qparams_from_range(low * ratio, high * ratio, scheme.bits, scheme.symmetric, scale_dtype,
-                                             options.signed_scales)
+            scale, zero = primitives.qparams_from_range(low * ratio, high * ratio, scheme, scale_dtype,
+                                                        options.signed_scales)
             error = weighted_error(rows, scale, zero, importance, scheme)
             if best_error is None:
                 best_scale, best_zero, best_error = scale, zero, error
@@ -94,7 +81,7 @@ def search_qparams(
 
 def clip_quantize(
     w: torch.Tensor, importance: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype | None = None,
-    options: ClipOptions = ClipOptions(),
+    options: ClipSettings = ClipSettings(),
 ) -> PackedWeight:
     """Quantize an nn.Linear weight [out, in] with activation-aware clipped scales."""
     scale_dtype = scale_dtype or w.dtype

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scoutq.checkpoint.config import TextConfig, parse_text_config, read_config_json
 from scoutq.errors import ConfigError
-from scoutq.model.config import TextConfig, parse_text_config, read_config_json
 from scoutq.quant.scheme import Scheme
 
 

@@ -56,22 +56,10 @@ import torch
 
 from scoutq.errors import ScoutqError
 from scoutq.quant import primitives
-from scoutq.quant.clip import ClipOptions, search_qparams
+from scoutq.quant.clip import search_qparams
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.scheme import Scheme
-
-
-@dataclass(frozen=True)
-class GptqOptions:
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
-    mse_scales: bool = False
-    signed_scales: bool = False
-    fp_target: bool = False  # the layer walk supplies X_q^T X_r and quantizes fp_target_weight
-    fp_target_damp: float = 0.1
-    router_weight: float = 0.0  # > 0: the walk passes down_proj an output coupling (router_metric)
-    row_blocks: int = 8
+from scoutq.quant.settings import ClipSettings, GptqSettings
 
 
 def fp_target_weight(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float,
@@ -186,7 +174,7 @@ class Factorized:
     upper: torch.Tensor  # upper Cholesky factor of H^-1, rows and columns in `order`
 
 
-def factorize(hessian: torch.Tensor, options: GptqOptions, what: str = "weight") -> Factorized:
+def factorize(hessian: torch.Tensor, options: GptqSettings, what: str = "weight") -> Factorized:
     h = prepare_hessian(hessian, options.damp)
     importance = h.diagonal().clone()
     if options.act_order:
@@ -206,7 +194,7 @@ def gptq_quantize(
     hessian: torch.Tensor | Factorized,
     scheme: Scheme,
     scale_dtype: torch.dtype | None = None,
-    options: GptqOptions = GptqOptions(),
+    options: GptqSettings = GptqSettings(),
     what: str = "weight",
     coupling: torch.Tensor | None = None,
 ) -> PackedWeight:
@@ -233,7 +221,7 @@ def gptq_quantize(
 
 
 def _gptq(w: torch.Tensor, hessian: torch.Tensor | Factorized, scheme: Scheme, scale_dtype: torch.dtype,
-          options: GptqOptions, what: str, coupling: torch.Tensor | None) -> PackedWeight:
+          options: GptqSettings, what: str, coupling: torch.Tensor | None) -> PackedWeight:
     out_features, in_features = w.shape
     group = scheme.group_size or in_features
     if in_features % group:
@@ -283,14 +271,14 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor | Factorized, scheme: Scheme, s
 
 
 def _static_qparams(w: torch.Tensor, importance: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
-                    options: GptqOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    options: GptqSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
     if options.mse_scales:
-        return search_qparams(w, importance, scheme, scale_dtype, ClipOptions(signed_scales=options.signed_scales))
+        return search_qparams(w, importance, scheme, scale_dtype, ClipSettings(signed_scales=options.signed_scales))
     return primitives.compute_qparams(w, scheme, scale_dtype, options.signed_scales)
 
 
 def _sweep(weights: torch.Tensor, factors: Factorized, scheme: Scheme, scale_dtype: torch.dtype,
-           options: GptqOptions, static: bool, scales: torch.Tensor, zeros: torch.Tensor | None,
+           options: GptqSettings, static: bool, scales: torch.Tensor, zeros: torch.Tensor | None,
            q_columns: torch.Tensor, dequantized: torch.Tensor | None) -> None:
     """The column loop over one set of rows. weights [in, rows] in processing order, updated in
     place; fills q_columns [in, rows] (and dequantized, if given), and the scales (and zeros) of
@@ -301,7 +289,7 @@ def _sweep(weights: torch.Tensor, factors: Factorized, scheme: Scheme, scale_dty
     # Without static scales, blocks hold whole groups, so a group's scale is taken inside one block.
     block = options.block_size if static else max(group, options.block_size // group * group)
     one_group = Scheme(scheme.bits, None, scheme.symmetric)
-    scale_search = ClipOptions(signed_scales=options.signed_scales)
+    scale_search = ClipSettings(signed_scales=options.signed_scales)
 
     for start in range(0, in_features, block):
         end = min(start + block, in_features)

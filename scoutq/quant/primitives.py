@@ -59,15 +59,26 @@ def compute_qparams(
         int8 for asymmetric schemes, else None.
     """
     grouped = _grouped(w.float(), scheme)
+    return qparams_from_range(grouped.amin(dim=-1), grouped.amax(dim=-1), scheme, scale_dtype, signed)
+
+
+def qparams_from_range(
+    low: torch.Tensor, high: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, signed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """compute_qparams from each group's minimum and maximum (fp32, any shape), for callers
+    that have the ranges already: the fused RTN kernels (which torch.compile traces through
+    this) and the clipping search (shrunk ranges). scheme.group_size is not used.
+
+    Returns scale in scale_dtype and zero_point int8 (asymmetric schemes, else None), shaped
+    like low.
+    """
     tiny = torch.finfo(scale_dtype).tiny  # an all-zero group still gets a usable scale
     if scheme.symmetric and signed:
-        return signed_scale(grouped.amin(dim=-1), grouped.amax(dim=-1), scheme.qmin, scale_dtype), None
+        return signed_scale(low, high, scheme.qmin, scale_dtype), None
     if scheme.symmetric:
-        absmax = grouped.abs().amax(dim=-1)
-        scale = (absmax / ((scheme.qmax - scheme.qmin) / 2)).clamp_min(tiny).to(scale_dtype)
-        return scale, None
-    low = grouped.amin(dim=-1).clamp_max(0)
-    high = grouped.amax(dim=-1).clamp_min(0)
+        absmax = torch.maximum(low.abs(), high.abs())
+        return (absmax / ((scheme.qmax - scheme.qmin) / 2)).clamp_min(tiny).to(scale_dtype), None
+    low, high = low.clamp_max(0), high.clamp_min(0)
     scale = ((high - low) / (scheme.qmax - scheme.qmin)).clamp_min(tiny).to(scale_dtype)
     zero_point = torch.round(scheme.qmin - low / scale.float()).clamp(scheme.qmin, scheme.qmax)
     return scale, zero_point.to(torch.int8)

@@ -26,28 +26,32 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from scoutq.checkpoint.layout import NORM_ROLES, Role
+from scoutq.data.shipped import shipped_dir, shipped_yaml
 from scoutq.errors import ScoutqError
 from scoutq.quant.ct_schema import pattern_error
 from scoutq.quant.scheme import Scheme
+from scoutq.quant.settings import ClipSettings, GptqSettings
 
+# Roles that always stay in source precision: build_plan refuses a recipe that would quantize one.
+NEVER_QUANTIZED: frozenset[Role] = frozenset({Role.ROUTER, Role.EMBED}) | NORM_ROLES
 
-class RoleGroup(StrEnum):
-    """Recipe-level names for sets of checkpoint roles."""
-
-    ROUTED_EXPERTS = "routed_experts"
-    SHARED_EXPERT = "shared_expert"
-    ATTENTION = "attention"
-    DENSE_MLP = "dense_mlp"
-    LM_HEAD = "lm_head"
-    VISION = "vision"
-    PROJECTOR = "projector"
-    # Never quantizable; named so that a recipe asking for them gets a clear refusal.
-    ROUTER = "router"
-    NORMS = "norms"
-    EMBEDDINGS = "embeddings"
-
-
-FORBIDDEN_GROUPS = frozenset({RoleGroup.ROUTER, RoleGroup.NORMS, RoleGroup.EMBEDDINGS})
+# The role groups a recipe target may name (spelled as users write them in YAML) and the
+# checkpoint roles each covers. router, norms and embeddings are never quantizable; they are
+# named so that a recipe asking for them gets a clear refusal instead of "unknown target".
+ROLE_GROUPS: dict[str, frozenset[Role]] = {
+    "routed_experts": frozenset({Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN}),
+    "shared_expert": frozenset({Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN}),
+    "attention": frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O}),
+    "dense_mlp": frozenset({Role.MLP_GATE, Role.MLP_UP, Role.MLP_DOWN}),
+    "lm_head": frozenset({Role.LM_HEAD}),
+    "vision": frozenset({Role.VISION}),
+    "projector": frozenset({Role.PROJECTOR}),
+    "router": frozenset({Role.ROUTER}),
+    "norms": NORM_ROLES,
+    "embeddings": frozenset({Role.EMBED}),
+}
+FORBIDDEN_GROUPS = frozenset(name for name, roles in ROLE_GROUPS.items() if roles <= NEVER_QUANTIZED)
 
 
 class Method(StrEnum):
@@ -61,34 +65,6 @@ class Fallback(StrEnum):
 
     RTN = "rtn"  # round-to-nearest, no statistics
     ALL_EXPERTS = "all_experts"  # statistics from every token's score-scaled input
-
-
-class GptqSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    damp: Annotated[float, Field(ge=0, le=1)] = 0.01
-    block_size: Annotated[int, Field(gt=0)] = 128
-    act_order: bool = False
-    mse_scales: bool = False
-    # Symmetric scales signed so each group's largest-magnitude value lands on qmin: the grid
-    # is absmax / 8, not / 7.5, at int4 (primitives.signed_scale). No effect on asymmetric.
-    signed_scales: bool = False
-    # Match the source model's outputs on its own inputs rather than the source weights on the
-    # quantized path's inputs (GPTAQ; gptq.py). Runs a full-precision copy of the hidden states.
-    fp_target: bool = False
-    fp_target_damp: Annotated[float, Field(gt=0)] = 0.1
-    # Router-aware rounding of the weights writing into the residual stream (o_proj, down_proj):
-    # errors along later routers' directions cost 1 + router_weight times more (gptq.py). 0: off.
-    router_weight: Annotated[float, Field(ge=0)] = 0.0
-    row_blocks: Annotated[int, Field(gt=0)] = 8
-
-
-class ClipSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    grid: Annotated[int, Field(ge=1, le=200)] = 20  # 1: the full range only (round-to-nearest's scales)
-    min_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    signed_scales: bool = False  # as GptqSettings.signed_scales
 
 
 class Calibration(BaseModel):
@@ -134,8 +110,8 @@ class Rule(BaseModel):
         for target in targets:
             if (bad := pattern_error(target)) is not None:
                 raise ValueError(f"target {target!r} is not a valid regular expression ({bad})")
-            if not target.startswith("re:") and "." not in target and target not in RoleGroup.__members__.values():
-                groups = ", ".join(g.value for g in RoleGroup if g not in FORBIDDEN_GROUPS)
+            if not target.startswith("re:") and "." not in target and target not in ROLE_GROUPS:
+                groups = ", ".join(g for g in ROLE_GROUPS if g not in FORBIDDEN_GROUPS)
                 raise ValueError(f"unknown target {target!r}; use a role group ({groups}), a module name or 're:<regex>'")
         return targets
 
@@ -194,16 +170,11 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def shipped_recipes_dir() -> Path:
-    """recipes/ of the source tree, or the copy installed inside the package."""
-    package = Path(__file__).resolve().parent.parent
-    for candidate in (package.parent / "recipes", package / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    return package.parent / "recipes"
+    return shipped_dir("recipes")
 
 
 def shipped_recipes() -> list[Path]:
-    return sorted(shipped_recipes_dir().glob("*.yaml"))
+    return shipped_yaml("recipes")
 
 
 def resolve_recipe_path(path: str | Path) -> Path:

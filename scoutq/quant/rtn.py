@@ -33,22 +33,6 @@ from scoutq.quant.scheme import Scheme
 BLOCK_ELEMENTS = 1 << 23  # values per block: 32 MB as fp32
 
 
-def qparams_from_range(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
-                      signed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """compute_qparams' arithmetic, from group minima and maxima (fp32)."""
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    tiny = torch.finfo(scale_dtype).tiny
-    if symmetric and signed:
-        return primitives.signed_scale(low, high, qmin, scale_dtype), None
-    if symmetric:
-        absmax = torch.maximum(low.abs(), high.abs())
-        return (absmax / ((qmax - qmin) / 2)).clamp_min(tiny).to(scale_dtype), None
-    low, high = low.clamp_max(0), high.clamp_min(0)
-    scale = ((high - low) / (qmax - qmin)).clamp_min(tiny).to(scale_dtype)
-    zero = torch.round(qmin - low / scale.float()).clamp(qmin, qmax)
-    return scale, zero.to(torch.int8)
-
-
 def _unsigned(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     """clamp(round(x / s) + z) offset to unsigned, as uint8 (quantize's arithmetic)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -58,13 +42,14 @@ def _unsigned(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, b
     return (torch.round(scaled).clamp(qmin, qmax) - qmin).to(torch.uint8)
 
 
-def _rows_block(block: torch.Tensor, bits: int, group: int, symmetric: bool, scale_dtype: torch.dtype
+def _rows_block(block: torch.Tensor, scheme: Scheme, group: int, scale_dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """[rows, in] -> packed bytes [rows, in * bits / 8], scale and zero [rows, in / group]."""
     rows, cols = block.shape
+    bits = scheme.bits
     grouped = block.float().view(rows, cols // group, group)
     low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-    scale, zero = qparams_from_range(low, high, bits, symmetric, scale_dtype)
+    scale, zero = primitives.qparams_from_range(low, high, scheme, scale_dtype)
     unsigned = _unsigned(grouped, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits)
     unsigned = unsigned.view(rows, cols)
     if bits == 4:
@@ -73,16 +58,16 @@ def _rows_block(block: torch.Tensor, bits: int, group: int, symmetric: bool, sca
     return unsigned, scale, zero
 
 
-def _columns_block(block: torch.Tensor, bits: int, group: int, symmetric: bool, scale_dtype: torch.dtype
+def _columns_block(block: torch.Tensor, scheme: Scheme, group: int, scale_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """[rows_in, out] with groups down the columns -> packed bytes [out, rows_in * bits / 8]
     (already transposed to nn.Linear orientation), scale and zero [rows_in / group, out]."""
     rows, cols = block.shape
     grouped = block.float().view(rows // group, group, cols)
     low, high = grouped.amin(dim=1), grouped.amax(dim=1)
-    scale, zero = qparams_from_range(low, high, bits, symmetric, scale_dtype)
-    unsigned = _unsigned(grouped, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), bits)
-    return _pack_columns(unsigned.view(rows, cols), bits), scale, zero
+    scale, zero = primitives.qparams_from_range(low, high, scheme, scale_dtype)
+    unsigned = _unsigned(grouped, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), scheme.bits)
+    return _pack_columns(unsigned.view(rows, cols), scheme.bits), scale, zero
 
 
 def _columns_fixed(block: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -132,9 +117,13 @@ def _words(packed: torch.Tensor) -> torch.Tensor:
     return packed.contiguous().view(-1).view(torch.int32).view(packed.shape[0], -1)
 
 
-def _require_fit(in_features: int, group: int, bits: int) -> None:
-    if in_features % group or in_features % (32 // bits):
+def _group(scheme: Scheme, in_features: int) -> int:
+    """The scheme's group length along `in` (all of it per channel), once checked that the
+    weight splits into whole groups and whole int32 words."""
+    group = scheme.group_size or in_features
+    if in_features % group or in_features % (32 // scheme.bits):
         raise ValueError(f"in_features {in_features} does not fit group_size {group} and whole int32 words")
+    return group
 
 
 def rtn_quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype | None = None,
@@ -142,13 +131,12 @@ def rtn_quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype | Non
     """Quantize an nn.Linear weight [out, in]; scales in scale_dtype (default: w's dtype)."""
     scale_dtype = scale_dtype or w.dtype
     out_features, in_features = w.shape
-    group = scheme.group_size or in_features
-    _require_fit(in_features, group, scheme.bits)
+    group = _group(scheme, in_features)
     step = max(1, BLOCK_ELEMENTS // in_features)
     kernel = _kernel("rows")
     packed, scales, zeros = [], [], []
     for start in range(0, out_features, step):
-        block_packed, scale, zero = kernel(w[start : start + step], scheme.bits, group, scheme.symmetric, scale_dtype)
+        block_packed, scale, zero = kernel(w[start : start + step], scheme, group, scale_dtype)
         _check(scale, what)
         packed.append(block_packed)
         scales.append(scale)
@@ -163,8 +151,7 @@ def rtn_quantize_input_major(w_t: torch.Tensor, scheme: Scheme, scale_dtype: tor
     """Quantize the nn.Linear weight w = w_t.T, given w_t [in, out] (may be a strided view)."""
     scale_dtype = scale_dtype or w_t.dtype
     in_features, out_features = w_t.shape
-    group = scheme.group_size or in_features
-    _require_fit(in_features, group, scheme.bits)
+    group = _group(scheme, in_features)
     unit = group if scheme.group_size else 32 // scheme.bits
     step = max(unit, (BLOCK_ELEMENTS // out_features) // unit * unit)
     packed = torch.empty(out_features, in_features * scheme.bits // 8, dtype=torch.uint8)
@@ -178,7 +165,7 @@ def rtn_quantize_input_major(w_t: torch.Tensor, scheme: Scheme, scale_dtype: tor
             block = w_t[start : start + step].float()
             low = torch.minimum(low, block.amin(dim=0))
             high = torch.maximum(high, block.amax(dim=0))
-        scale, zero = qparams_from_range(low, high, scheme.bits, scheme.symmetric, scale_dtype)
+        scale, zero = primitives.qparams_from_range(low, high, scheme, scale_dtype)
         _check(scale, what)
         kernel = _kernel("fixed")
         for start in range(0, in_features, step):
@@ -191,7 +178,7 @@ def rtn_quantize_input_major(w_t: torch.Tensor, scheme: Scheme, scale_dtype: tor
     scales, zeros = [], []
     for start in range(0, in_features, step):
         block = w_t[start : start + step]
-        block_packed, scale, zero = kernel(block, scheme.bits, group, scheme.symmetric, scale_dtype)
+        block_packed, scale, zero = kernel(block, scheme, group, scale_dtype)
         _check(scale, what)
         packed[:, start // per_byte : (start + block.shape[0]) // per_byte] = block_packed
         scales.append(scale)

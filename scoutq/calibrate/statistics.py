@@ -1,0 +1,56 @@
+"""What calibration keeps of a module's input: X^T X (and, paired, X^T X_r), in fp32."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from scoutq.quant.gptq import Factorized, factorize
+from scoutq.quant.recipe import GptqSettings
+
+REFERENCE_TOKEN_BLOCK = 4096  # tokens per block when the reference input is computed on the fly
+
+
+class InputStatistics:
+    """Running X^T X (fp32) and token count of one module input; with a paired reference input
+    (the same tokens through the source weights), also X^T X_r."""
+
+    def __init__(self, features: int, paired: bool = False):
+        self.hessian = torch.zeros(features, features)
+        self.cross = torch.zeros(features, features) if paired else None
+        self.tokens = 0
+        self._factorized: Factorized | None = None
+
+    def factorized(self, options: GptqSettings, what: str) -> Factorized:
+        """GPTQ's factorisation of this Hessian, computed once for all modules sharing the input."""
+        if self._factorized is None:
+            self._factorized = factorize(self.hessian, options, what)
+        return self._factorized
+
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.hessian.addmm_(x.t(), x)
+        if self.cross is not None:
+            if reference is None:
+                raise ValueError("paired statistics need the reference input")
+            self.cross.addmm_(x.t(), reference.reshape(-1, x.shape[-1]).float())
+        self.tokens += x.shape[0]
+
+    def add_blocked(self, x: torch.Tensor, reference_input: torch.Tensor | None,
+                    reference_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Add rows x [N, F]; paired, with reference_fn(reference_input) as their reference rows,
+        computed a block of tokens at a time (a SwiGLU intermediate is the widest activation)."""
+        if reference_input is None:
+            self.add(x)
+            return
+        for start in range(0, x.shape[0], REFERENCE_TOKEN_BLOCK):
+            end = start + REFERENCE_TOKEN_BLOCK
+            self.add(x[start:end], reference_fn(reference_input[start:end]))
+
+    @classmethod
+    def of(cls, x: torch.Tensor, reference: torch.Tensor | None = None) -> InputStatistics:
+        """Statistics of x; paired with `reference` (same rows, source-weight stream) if given."""
+        stats = cls(x.shape[-1], paired=reference is not None)
+        stats.add(x, reference)
+        return stats

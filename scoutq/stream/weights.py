@@ -1,0 +1,72 @@
+"""Dense fp32 weights of a checkpoint, one module at a time, whether its source is bf16 or a
+scoutq-quantized compressed-tensors output (packed weights are dequantized exactly as stored).
+
+The layer stream reads through this, so the same walk calibrates a source checkpoint and
+evaluates either kind layer by layer. Every read goes through the checkpoint's reader
+(positioned reads). Routed experts come one expert at a time: that expert's rows of the fused
+`gate_up_proj` / `down_proj` tensors of a source checkpoint, or the three per-expert modules of
+a quantized one.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from scoutq.checkpoint.reader import Checkpoint
+from scoutq.errors import CheckpointError
+from scoutq.quant.ct_schema import group_for, parse_quantization_config
+from scoutq.quant.packed import SUFFIXES, PackedWeight
+
+ROUTED_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.\d+\.")
+
+
+class DenseWeights:
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.layout = checkpoint.layout
+        qconfig = checkpoint.config_json.get("quantization_config")
+        self.config_path = checkpoint.directory / "config.json"
+        self.groups, self.ignore = parse_quantization_config(self.config_path, qconfig) if qconfig else ([], ())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A stored tensor (norm weights, router, biases) as fp32."""
+        return self.checkpoint.read(key).float()
+
+    def linear(self, module: str) -> torch.Tensor:
+        """nn.Linear weight [out, in] of `module` (a key without `.weight`), fp32."""
+        tensors = self.checkpoint.tensors
+        if f"{module}.weight" in tensors:
+            return self.tensor(f"{module}.weight")
+        group = group_for(module, self.groups, self.ignore, self.config_path) if self.groups else None
+        if group is None or f"{module}.weight_packed" not in tensors:
+            raise CheckpointError(f"{self.checkpoint.directory}: no weight for module {module!r}")
+        state = {s: self.checkpoint.read(f"{module}.{s}") for s in SUFFIXES if f"{module}.{s}" in tensors}
+        return PackedWeight.from_state(state, group.scheme).dequantize().float()
+
+    def dtype(self, module: str) -> torch.dtype:
+        """The dtype the module's weight (or its scales) is stored in."""
+        tensors = self.checkpoint.tensors
+        key = f"{module}.weight" if f"{module}.weight" in tensors else f"{module}.weight_scale"
+        return self.checkpoint.dtype(key)
+
+    def stored_dtype(self, module: str) -> torch.dtype:
+        """The dtype `module`'s weight is stored in; a routed expert's from its layer's fused tensor."""
+        expert = ROUTED_EXPERT.search(module)
+        return self.expert_dtype(int(expert.group(1))) if expert else self.dtype(module)
+
+    def expert_dtype(self, layer: int) -> torch.dtype:
+        fused = self.layout.gate_up_key(layer)
+        if fused in self.checkpoint.tensors:
+            return self.checkpoint.dtype(fused)
+        return self.dtype(self.layout.layer_key(layer, "feed_forward.experts.0.gate_proj"))
+
+    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate, up, down) of one routed expert as nn.Linear weights [out, in], fp32."""
+        if self.layout.gate_up_key(layer) in self.checkpoint.tensors:
+            gate, up, down = self.checkpoint.read_expert(layer, expert)
+            return gate.float(), up.float(), down.float()
+        names = [self.layout.layer_key(layer, f"feed_forward.experts.{expert}.{p}_proj") for p in ("gate", "up", "down")]
+        gate, up, down = (self.linear(name) for name in names)
+        return gate, up, down
