@@ -34,6 +34,7 @@ EDGES: dict[str, set[str]] = {
     "fixtures": {"checkpoint", "data", "quant", "kernels", "model"},
     "bench": LIBRARY | {"fixtures"},
     "release": LIBRARY | {"cli"},  # `make release` drives the CLI's commands
+    "__main__": {"cli"},  # `python -m scoutq`, as torchrun starts it
 }
 ALWAYS = {"errors", ""}  # scoutq.errors, and `from scoutq import __version__`
 

@@ -37,6 +37,7 @@ from scoutq.calibrate.quantizer import (
     CalibrationSettings,
     LayerResult,
 )
+from scoutq.calibrate.shared import FAULT_RANK_ENV, ExpertSharingClient
 from scoutq.checkpoint.layout import Role
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.checkpoint.writer import atomic_path, atomic_write_json, read_json_state
@@ -45,11 +46,13 @@ from scoutq.quant.packed import PackedWeight
 from scoutq.quant.plan import QuantPlan
 from scoutq.quant.recipe import Method
 from scoutq.stream.hooks import ProgressFn
+from scoutq.stream.processes import Ranks
 from scoutq.stream.walk import Hidden, LayerStream
 
 CALIBRATION_DIR = ".scoutq-calibration"
 COVERAGE_NAME = "coverage.json"
 FAULT_ENV = "SCOUTQ_FAULT_AFTER_LAYERS"  # tests: SIGKILL this process after N layers are committed
+SINGLE = Ranks()
 UNCALIBRATED_ROLES = frozenset({Role.VISION, Role.PROJECTOR})  # no text hidden states reach them
 
 LayerProgressFn = Callable[[int, int], None]  # (layer being calibrated, layers in the model)
@@ -125,39 +128,50 @@ def run_calibration(
     identity: str,
     on_layer: LayerProgressFn | None = None,
     on_step: ProgressFn | None = None,
+    ranks: Ranks = SINGLE,
 ) -> tuple[CalibratedTensors, dict[str, Any]]:
     """Calibrate and quantize every text layer (resuming a matching earlier run in `directory`).
 
-    Returns the calibrated tensors and the coverage document (coverage.json's content).
+    With several ranks (stream/processes.py) every rank walks the layers and shares the routed
+    experts' work (calibrate/shared.py); rank 0 alone reads and writes the calibration directory,
+    and tells the others where to start. Returns the calibrated tensors and the coverage document
+    (coverage.json's content).
     """
     layers = checkpoint.config.num_hidden_layers
-    state = read_json_state(directory / "state.json", identity)
-    if state is None:
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        state = {"identity": identity, "next_layer": 0, "layers": [], "head": False}
+    state = None
+    if ranks.writer:
+        state = read_json_state(directory / "state.json", identity)
+        if state is None:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            state = {"identity": identity, "next_layer": 0, "layers": [], "head": False}
+    state = ranks.broadcast(state, owner=0)
 
     stream = LayerStream(checkpoint)
-    client = CalibratingClient(stream, plan, run.settings, on_step)
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    client = (CalibratingClient(stream, plan, run.settings, on_step) if ranks.count == 1
+              else ExpertSharingClient(stream, plan, run.settings, ranks, on_step))
+    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0) if ranks.index == int(os.environ.get(FAULT_RANK_ENV, "0")) \
+        else 0
     if state["next_layer"] < layers or not state["head"]:
         hidden = stream.start(run.batch.tokens) if state["next_layer"] == 0 else _load_hidden(directory)
         for layer in range(state["next_layer"], layers):
             if on_layer:
                 on_layer(layer, layers)
             hidden, result = client.calibrate_layer(layer, hidden)
-            _save_atomic(_packed_state(result.quantized), _layer_file(directory, layer))
-            _save_atomic(_hidden_state(hidden), directory / "hidden.safetensors")
             state["layers"].append(_coverage_entry(result))
             state["next_layer"] = layer + 1
-            atomic_write_json(directory / "state.json", state)  # the commit point of this layer
+            if ranks.writer:
+                _save_atomic(_packed_state(result.quantized), _layer_file(directory, layer))
+                _save_atomic(_hidden_state(hidden), directory / "hidden.safetensors")
+                atomic_write_json(directory / "state.json", state)  # the commit point of this layer
             if fault_after and layer + 1 >= fault_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        head = client.head(hidden.main)
-        if head:
-            _save_atomic(_packed_state(head), directory / "head.safetensors")
-        state["head"] = True
-        atomic_write_json(directory / "state.json", state)
+        if ranks.writer:  # lm_head needs no other rank: the others are done
+            head = client.head(hidden.main)
+            if head:
+                _save_atomic(_packed_state(head), directory / "head.safetensors")
+            state["head"] = True
+            atomic_write_json(directory / "state.json", state)
 
     files: dict[str, Path] = {}
     for item in plan.quantized():

@@ -41,8 +41,9 @@ def table(title: str, columns: list[str], rows: list[list[str]], right_align_fro
     console.print(grid)
 
 
-def byte_progress(description: str) -> Progress:
-    """A progress bar over bytes: done/total, throughput and ETA (stderr, so --json stays clean)."""
+def byte_progress(description: str, enabled: bool = True) -> Progress:
+    """A progress bar over bytes: done/total, throughput and ETA (stderr, so --json stays clean);
+    drawing nothing when not enabled (the other ranks of a multi-process run)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -51,6 +52,7 @@ def byte_progress(description: str) -> Progress:
         TimeRemainingColumn(),
         console=error_console,
         transient=False,
+        disable=not enabled,
     )
 
 

@@ -13,7 +13,7 @@ import click
 import typer
 from rich.markup import escape
 
-from scoutq.cli import bench, evaluation, fixture, inspect, quantize, run, verify
+from scoutq.cli import _launch, bench, evaluation, fixture, inspect, quantize, run, verify
 from scoutq.cli._output import error
 from scoutq.errors import ScoutqError
 
@@ -35,6 +35,7 @@ app.add_typer(bench.app, name="bench")
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    _launch.command_line[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         app(args=argv, prog_name="scoutq")
     except ScoutqError as err:

@@ -14,12 +14,14 @@ from scoutq.calibrate.job import CalibrationRun
 from scoutq.calibrate.quantizer import CalibrationSettings
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.cli._calibration import calibration_progress, coverage_summary
+from scoutq.cli._launch import command_line, launch, without_nproc
 from scoutq.cli._output import byte_progress, console, error_console, human_bytes, result_json, table
 from scoutq.data.sets import calibration_batch, load_calibration_set
 from scoutq.errors import ScoutqError
 from scoutq.pipeline.quantize import estimate_peak_memory, quantize_checkpoint
 from scoutq.quant.plan import QuantPlan, build_plan
 from scoutq.quant.recipe import Recipe, load_recipe
+from scoutq.stream.processes import join, launched_ranks
 
 EXAMPLES = """Examples:
 
@@ -32,6 +34,10 @@ EXAMPLES = """Examples:
   scoutq quantize ./scout --recipe w4a16-g128-gptq --out ./scout-gptq --calibration wikitext2 --samples 128
 
   scoutq quantize ./tiny --recipe w4a16-g128-clip --out ./tiny-clip --all-experts --min-tokens 64
+
+  scoutq quantize ./scout --recipe w4a16-g128-gptaq --out ./scout-gptaq --nproc 4
+
+  torchrun --nproc-per-node 4 -m scoutq quantize ./scout --recipe w4a16-g128-gptq --out ./scout-gptq
 
 An interrupted run resumes: run the same command again.
 """
@@ -80,6 +86,9 @@ def quantize(
         help="Every expert's statistics see all tokens (scaled by its own router score), or only its routed tokens.")] = None,
     min_tokens: Annotated[int | None, typer.Option(
         help="Experts routed fewer tokens fall back to the recipe's fallback (rtn or all_experts).", min=0)] = None,
+    nproc: Annotated[int, typer.Option(
+        help="Processes (torch.distributed ranks, gloo) that share a calibrated run's routed experts; the output "
+             "is byte-identical for any number. Under torchrun, WORLD_SIZE decides instead.", min=1)] = 1,
 ) -> None:
     """Quantize a Llama 4 checkpoint's experts (and whatever else the recipe says) to int8/int4.
 
@@ -87,6 +96,11 @@ def quantize(
     `pack-quantized` safetensors that vLLM and transformers load. Router, norms and embeddings
     always stay in source precision.
     """
+    if nproc > 1 and launched_ranks() == 1 and not dry_run:
+        raise typer.Exit(launch(without_nproc(command_line), nproc))
+    ranks = join()
+    if not ranks.writer:
+        json = False  # one report per run: rank 0's
     checkpoint = Checkpoint.open_for_planning(src) if dry_run else Checkpoint.open(src)
     if "quantization_config" in checkpoint.config_json:
         raise ScoutqError(f"{src}: is already quantized (config.json has quantization_config)")
@@ -141,15 +155,17 @@ def quantize(
                                   settings.seq_len, settings.seed)
         run = CalibrationRun(batch, CalibrationSettings.from_recipe(chosen))
     try:
-        with calibration_progress(enabled=run is not None) as (on_layer, on_step):
-            with byte_progress(plan.recipe.name) as progress:
+        with calibration_progress(enabled=run is not None and ranks.writer) as (on_layer, on_step):
+            with byte_progress(plan.recipe.name, enabled=ranks.writer) as progress:
                 task = progress.add_task(f"write {plan.recipe.name}", total=totals["bytes_in"])
                 report = quantize_checkpoint(src, plan, checkpoint, out, max_shard_bytes=shard_bytes, workers=workers,
                                              overwrite=overwrite, on_progress=lambda n: progress.advance(task, n),
-                                             calibration=run, on_layer=on_layer, on_layer_step=on_step)
+                                             calibration=run, on_layer=on_layer, on_layer_step=on_step, ranks=ranks)
     except KeyboardInterrupt:
         error_console.print(f"interrupted: finished shards are kept in {out}; run the same command again to resume")
         raise typer.Exit(130) from None
+    if not ranks.writer:
+        return  # rank 0 reports for the run
     summary = {**report.__dict__, "throughput_gb_s": report.bytes_in / 1e9 / max(report.seconds, 1e-9)}
     if json:
         result_json(summary)

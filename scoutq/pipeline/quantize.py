@@ -66,6 +66,7 @@ from scoutq.quant.packed import PackedWeight
 from scoutq.quant.plan import PlannedModule, QuantPlan
 from scoutq.quant.rtn import rtn_quantize, rtn_quantize_input_major
 from scoutq.stream.hooks import ProgressFn
+from scoutq.stream.processes import Ranks
 
 JOURNAL_NAME = ".scoutq-journal.json"
 COMPILE_ABOVE_BYTES = 2 * 10**9  # compiling the kernels (~10-30 s once) pays off above this
@@ -92,6 +93,8 @@ class Unit:
     @property
     def streamed(self) -> bool:
         return self.modules[0].module.expert is None and self.bytes_in > STREAMED_BYTES
+
+SINGLE = Ranks()
 
 
 @dataclass
@@ -248,6 +251,22 @@ def _identity_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def _prepare_on_writer(src: Path, dst: Path, identity: str, overwrite: bool, ranks: Ranks) -> dict[str, str] | None:
+    """_prepare_destination on rank 0; the other ranks get its outcome, its error included."""
+    outcome: tuple[dict[str, str] | None, str | None] | None = None
+    if ranks.writer:
+        try:
+            outcome = (_prepare_destination(src, dst, identity, overwrite), None)
+        except ScoutqError as err:
+            if ranks.count == 1:
+                raise
+            outcome = (None, str(err))
+    finished, error = ranks.broadcast(outcome, owner=0)
+    if error is not None:
+        raise ScoutqError(error)
+    return finished
+
+
 def _prepare_destination(src: Path, dst: Path, identity: str, overwrite: bool) -> dict[str, str] | None:
     """Finished shards to keep (name -> sha256) when resuming, or None if DST is complete."""
     src_resolved, dst_resolved = src.resolve(), dst.resolve()
@@ -284,6 +303,7 @@ def quantize_checkpoint(
     calibration: CalibrationRun | None = None,
     on_layer: LayerProgressFn | None = None,
     on_layer_step: ProgressFn | None = None,
+    ranks: Ranks = SINGLE,
 ) -> QuantizeReport:
     """Write the quantized checkpoint `plan` describes into `dst` (resuming when possible).
 
@@ -291,6 +311,9 @@ def quantize_checkpoint(
     exists and the input is large). The output bytes are identical either way.
     calibration: tokens and settings of a calibrated recipe; on_layer and on_layer_step
     report its layer walk (layer, layers) and the steps inside a layer.
+    ranks: the processes of a multi-process run. Every rank takes part in the calibrated layer
+    walk; rank 0 alone prepares the destination and writes the shards (the others return once
+    the walk is done, with shards_reused 0 and nothing written).
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -300,7 +323,7 @@ def quantize_checkpoint(
     if calibration is not None:
         identity_body["calibration"] = calibration.identity()
     identity = _identity_hash(identity_body)
-    finished = _prepare_destination(src, dst, identity, overwrite)
+    finished = _prepare_on_writer(src, dst, identity, overwrite, ranks)
     bytes_in = sum(item.bytes_in for item in plan.items)
     bytes_out = sum(item.bytes_out for item in plan.items)
     shards = plan_shards(plan.specs, max_shard_bytes)
@@ -315,14 +338,18 @@ def quantize_checkpoint(
 
     # A journaled shard is kept only if its bytes still hash to what was recorded.
     kept = {name: digest for name, digest in finished.items() if name in names and (dst / name).is_file()
-            and file_sha256(dst / name) == digest}
+            and file_sha256(dst / name) == digest} if ranks.writer else {}
     journal: dict[str, Any] = {"identity": identity, "shards": dict(kept)}
-    atomic_write_json(dst / JOURNAL_NAME, journal)
+    if ranks.writer:
+        atomic_write_json(dst / JOURNAL_NAME, journal)
 
     calibrated, coverage = None, None
     if calibration is not None:
         calibrated, coverage = run_calibration(checkpoint, plan, calibration, dst / CALIBRATION_DIR, identity,
-                                               on_layer, on_layer_step)
+                                               on_layer, on_layer_step, ranks)
+    if not ranks.writer:
+        return QuantizeReport(str(dst), identity, len(shards), 0, bytes_in, bytes_out, time.perf_counter() - started,
+                              warnings=plan.warnings, coverage=coverage)
 
     shard_of = {spec.name: index for index, shard in enumerate(shards) for spec in shard}
     units = work_units(plan)

@@ -89,6 +89,11 @@ class StreamClient:
         """(gate, up, down) of one routed expert; called for every expert, routed tokens or not."""
         return weights
 
+    def before_experts(self, layer: int, expert_input: Callable[[int], ExpertInput]) -> None:
+        """Called once per MoE layer before the first routed expert, with a function that builds
+        any expert's input: a client may do work for several experts at once here (processes
+        that share a layer's experts quantize their own ones ahead, then exchange them)."""
+
     def routing(self, layer: int, experts: torch.Tensor) -> None:
         """The experts [N, k] the main stream's router chose for each token of MoE layer `layer`."""
 

@@ -190,6 +190,11 @@ class LayerStream:
         out_r = None if xr is None else _blocked_swiglu(xr, *source)
         return out, out_r
 
+    def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """Module names of routed expert `expert`'s gate, up and down in layer `layer`."""
+        key = self.layout.layer_key
+        return tuple(key(layer, f"feed_forward.experts.{expert}.{p}_proj") for p in ("gate", "up", "down"))  # type: ignore[return-value]
+
     def _moe(
         self, index: int, x: torch.Tensor, xr: torch.Tensor | None, steps: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -206,17 +211,19 @@ class LayerStream:
             groups_r = ExpertGroups.of(*route(logits_r, config.num_experts_per_tok), config.num_local_experts)
         out, out_r = self._mlp(index, "feed_forward.shared_expert", x, xr)
 
+        def expert_input(expert: int) -> ExpertInput:
+            tokens, token_scores = groups.expert(expert)
+            return ExpertInput(x[tokens] * token_scores[:, None], None, index + 1, layer=index, expert=expert,
+                               tokens=tokens, layer_input=x, logits=logits, reference_layer_input=xr,
+                               reference_logits=logits_r)
+
+        self.client.before_experts(index, expert_input)
         for expert in range(config.num_local_experts):
             self.client.progress(f"expert {expert}", 2 + expert, steps)
-            names = tuple(self.layout.layer_key(index, f"feed_forward.experts.{expert}.{p}_proj")
-                          for p in ("gate", "up", "down"))
             source = self.weights.expert(index, expert)  # one expert resident
-            tokens, token_scores = groups.expert(expert)
-            inputs = ExpertInput(x[tokens] * token_scores[:, None], None, index + 1, layer=index, expert=expert,
-                                 tokens=tokens, layer_input=x, logits=logits, reference_layer_input=xr,
-                                 reference_logits=logits_r)
-            gate, up, down = self.client.expert(names, source, inputs)  # type: ignore[arg-type]
-            out.index_add_(0, tokens, inputs.swiglu(gate, up) @ down.t())
+            inputs = expert_input(expert)
+            gate, up, down = self.client.expert(self.expert_names(index, expert), source, inputs)  # type: ignore[arg-type]
+            out.index_add_(0, inputs.tokens, inputs.swiglu(gate, up) @ down.t())
             if groups_r is not None and out_r is not None and xr is not None:
                 tokens_r, scores_r = groups_r.expert(expert)
                 out_r.index_add_(0, tokens_r, _blocked_swiglu(xr[tokens_r] * scores_r[:, None], *source))

@@ -1,0 +1,94 @@
+"""The processes that walk the layer stream together: torch.distributed, joined through accelerate.
+
+A multi-process run (`torchrun --nproc-per-node N -m scoutq ...`, or scoutq's own `--nproc N`,
+which starts the same processes itself) has every rank walk the same tokens through the same
+layers in lockstep. Work that is independent within a layer (the routed experts) is split
+between the ranks by `Ranks.owners`; each owner's result is broadcast as it is, bit for bit,
+so every rank carries exactly the hidden states a single process would. Nothing is summed
+across ranks, which is why the output does not depend on the number of ranks.
+
+The process group is accelerate's `PartialState` (gloo on CPU, NCCL on GPU), set up from the
+environment torchrun defines (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Collectives time out
+after COLLECTIVE_TIMEOUT, so a rank whose peer died fails with an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+from scoutq.errors import ScoutqError
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # one expert's GPTQ on real shapes takes minutes on a CPU
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes of one run (index 0 of 1 for a plain run)."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def writer(self) -> bool:
+        """Rank 0 writes every file of the run; the others compute and exchange only."""
+        return self.index == 0
+
+    def owners(self, costs: Sequence[float]) -> list[int]:
+        """The rank that does each of `costs`' items: largest first to the least-loaded rank (ties:
+        the lower item, then the lower rank). A pure function of the costs, so every rank agrees."""
+        load = [(0.0, rank) for rank in range(self.count)]
+        owner = [0] * len(costs)
+        for item in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            total, rank = heapq.heappop(load)
+            owner[item] = rank
+            heapq.heappush(load, (total + costs[item], rank))
+        return owner
+
+    def broadcast(self, value: T | None, owner: int) -> T:
+        """`value` as given on rank `owner`, on every rank (pickled, so tensors arrive bit for bit)."""
+        if self.count == 1:
+            assert value is not None
+            return value
+        box: list[Any] = [value if self.index == owner else None]
+        torch.distributed.broadcast_object_list(box, src=owner)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.count > 1:
+            torch.distributed.barrier()
+
+
+def launched_ranks() -> int:
+    """WORLD_SIZE from the environment (torchrun's, or scoutq's own launcher's); 1 without one."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        raise ScoutqError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def join(device: torch.device | None = None) -> Ranks:
+    """Join the process group the environment describes; a single-process Ranks without one."""
+    if launched_ranks() == 1:
+        return Ranks()
+    from accelerate import PartialState
+
+    cpu = device is None or device.type == "cpu"
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():  # accelerate announces the thread count it sets; it is undone below
+        warnings.simplefilter("ignore", UserWarning)
+        state = PartialState(cpu=cpu, backend="gloo" if cpu else "nccl", timeout=COLLECTIVE_TIMEOUT)
+    # accelerate gives each CPU rank cores / ranks threads. A matmul's float sums depend on how its
+    # reduction is split between threads, so every rank keeps the thread count a single process
+    # has: the bytes then do not depend on the number of ranks (set OMP_NUM_THREADS alike for
+    # runs that are compared).
+    torch.set_num_threads(threads)
+    return Ranks(state.process_index, state.num_processes)

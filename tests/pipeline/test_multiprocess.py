@@ -1,0 +1,106 @@
+"""Several processes (torch.distributed, gloo) quantize to exactly the bytes of one process.
+
+* `scoutq quantize --nproc N` for N = 1, 2, 3 writes byte-identical files (every file of the
+  output: shards, config, coverage, manifest) for round-to-nearest, GPTQ and GPTQ with
+  full-precision targets, on the tiny random checkpoint; so does torchrun (at the same thread
+  count per process: torchrun's default of one thread changes a matmul's float sums).
+* A rank killed in the middle of a layer fails the run with one line naming it, leaves no
+  complete-looking output, and the same command then resumes to the same bytes.
+* A bad input fails every rank with rank 0's one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SMALL = ["--samples", "8", "--seq-len", "32"]
+TIMEOUT = 300
+
+
+def scoutq(*args: str, env: dict[str, str] | None = None, runner: list[str] | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    command = (runner or [sys.executable, "-m", "scoutq"]) + list(args)
+    full_env = {**os.environ, **(env or {})}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(name, None) if name not in (env or {}) else None
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=full_env, check=False)
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {entry.name: hashlib.sha256(entry.read_bytes()).hexdigest()
+            for entry in sorted(directory.iterdir()) if entry.is_file()}
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    """One process's output of each recipe: what every multi-process run must reproduce."""
+    out = tmp_path_factory.mktemp("single")
+    result = {}
+    for recipe in ("w4a16-g128", "w4a16-g128-gptq", "w4a16-g128-gptaq"):
+        extra = SMALL if recipe != "w4a16-g128" else []
+        done = scoutq("quantize", str(tiny_checkpoint), "--recipe", recipe, "--out", str(out / recipe), *extra)
+        assert done.returncode == 0, done.stderr
+        result[recipe] = digests(out / recipe)
+    return result
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("recipe", ["w4a16-g128", "w4a16-g128-gptq", "w4a16-g128-gptaq"])
+def test_any_number_of_ranks_writes_the_same_bytes(tiny_checkpoint: Path, tmp_path: Path, single: dict,
+                                                   recipe: str, nproc: int) -> None:
+    extra = SMALL if recipe != "w4a16-g128" else []
+    done = scoutq("quantize", str(tiny_checkpoint), "--recipe", recipe, "--out", str(tmp_path / "out"), *extra,
+                  "--nproc", str(nproc))
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and done.stdout.count("wrote") == 1  # one report: rank 0's
+    written = digests(tmp_path / "out")
+    assert "model.safetensors" in written and written == single[recipe]
+
+
+def test_torchrun_runs_the_same_command(tiny_checkpoint: Path, tmp_path: Path, single: dict) -> None:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "scoutq"]
+    # torchrun sets OMP_NUM_THREADS=1 unless it is set: a matmul's float sums depend on its threads,
+    # so the run is compared with one process at the same thread count (torch's default here).
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = scoutq("quantize", str(tiny_checkpoint), "--recipe", "w4a16-g128-gptq", "--out", str(tmp_path / "out"),
+                  *SMALL, runner=torchrun, env=threads)
+    assert done.returncode == 0, done.stderr
+    assert digests(tmp_path / "out") == single["w4a16-g128-gptq"]
+
+
+def test_a_rank_killed_mid_layer_fails_cleanly_and_the_rerun_resumes(tiny_checkpoint: Path, tmp_path: Path,
+                                                                     single: dict) -> None:
+    out = tmp_path / "out"
+    command = ["quantize", str(tiny_checkpoint), "--recipe", "w4a16-g128-gptaq", "--out", str(out), *SMALL,
+               "--nproc", "2"]
+    killed = scoutq(*command, env={"SCOUTQ_FAULT_IN_LAYER": "2", "SCOUTQ_FAULT_RANK": "1"})
+    assert killed.returncode == 1
+    lines = [line for line in killed.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: rank 1 died (SIGKILL)"), killed.stderr
+    assert not (out / "model.safetensors").exists() and not (out / "scoutq-manifest.json").exists()
+    state = (out / ".scoutq-calibration" / "state.json").read_text()
+    assert '"next_layer": 2' in state  # layers 0 and 1 were committed before the kill in layer 2
+
+    resumed = scoutq(*command)
+    assert resumed.returncode == 0, resumed.stderr
+    assert digests(out) == single["w4a16-g128-gptaq"]
+
+
+def test_a_bad_input_fails_every_rank_with_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "something.txt").write_text("not a scoutq run")
+    done = scoutq("quantize", str(tiny_checkpoint), "--recipe", "w4a16-g128-gptq", "--out", str(out), *SMALL,
+                  "--nproc", "2")
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and str(out) in errors[0], done.stderr  # rank 0's line; the others are quiet
+    assert (out / "something.txt").read_text() == "not a scoutq run"
