@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 CACHE ?= .cache/scoutq
 STAMP := $(VENV)/.scoutq-installed
 
-.PHONY: install demo release test test-slow fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality clean
+.PHONY: install demo release test test-slow fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gpu bench-distributed clean
 
 install: $(STAMP)
 
@@ -90,3 +90,15 @@ bench-eval: install
 # text, every window), through `scoutq eval`. About 5 minutes on 2 cores.
 bench-quality: install
 	$(BIN)/python -m scoutq.bench.quality
+
+# What a lent GPU machine runs in one go: scout-layers (2 real-shape layers), RTN, the GPTQ layer
+# walk on CUDA with 1 rank and one rank per GPU (sha256 of each output), the kernel and MoE
+# benchmarks and the GPU tests, as one table. Needs ~20 GB of disk.
+bench-gpu: install
+	$(BIN)/python -m scoutq.bench.gpu --layers 2 --samples 32 --seq-len 512 --dir $(BENCH_DIR)
+
+# The calibrated layer walk of 2 real-shape layers with 1 and 2 CPU ranks (gloo): wall time,
+# speed-up, peak RSS of the largest rank, sha256 (equal for any number of ranks), and the
+# projected time of the 48-layer Scout. Needs ~20 GB of disk; about an hour on 2 cores.
+bench-distributed: install
+	$(BIN)/python -m scoutq.bench.distributed --layers 2 --samples 32 --seq-len 512 --dir $(BENCH_DIR)

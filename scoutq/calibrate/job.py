@@ -94,22 +94,22 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _packed_state(quantized: dict[str, PackedWeight]) -> dict[str, torch.Tensor]:
-    return {f"{name}.{suffix}": tensor.contiguous() for name, packed in quantized.items()
+    return {f"{name}.{suffix}": tensor.cpu().contiguous() for name, packed in quantized.items()
             for suffix, tensor in packed.state().items()}
 
 
 def _hidden_state(hidden: Hidden) -> dict[str, torch.Tensor]:
-    state = {"hidden": hidden.main.contiguous()}
+    state = {"hidden": hidden.main.cpu().contiguous()}
     if hidden.reference is not None:
-        state["reference"] = hidden.reference.contiguous()
+        state["reference"] = hidden.reference.cpu().contiguous()
     return state
 
 
-def _load_hidden(directory: Path) -> Hidden:
+def _load_hidden(directory: Path, device: torch.device) -> Hidden:
     with safe_open(str(directory / "hidden.safetensors"), framework="pt", device="cpu") as handle:
         names = handle.keys()  # a safetensors handle, not a dict
-        reference = handle.get_tensor("reference") if "reference" in names else None
-        return Hidden(handle.get_tensor("hidden"), reference)
+        reference = handle.get_tensor("reference").to(device) if "reference" in names else None
+        return Hidden(handle.get_tensor("hidden").to(device), reference)
 
 
 def _layer_file(directory: Path, layer: int) -> Path:
@@ -129,15 +129,15 @@ def run_calibration(
     on_layer: LayerProgressFn | None = None,
     on_step: ProgressFn | None = None,
     ranks: Ranks = SINGLE,
+    device: torch.device | str = "cpu",
 ) -> tuple[CalibratedTensors, dict[str, Any]]:
     """Calibrate and quantize every text layer (resuming a matching earlier run in `directory`).
 
     With several ranks (stream/processes.py) every rank walks the layers and shares the routed
     experts' work (calibrate/shared.py); rank 0 alone reads and writes the calibration directory,
     and tells the others where to start. Returns the calibrated tensors and the coverage document
-    (coverage.json's content).
+    (coverage.json's content). The arithmetic runs on `device`; files are written from the CPU.
     """
-    layers = checkpoint.config.num_hidden_layers
     state = None
     if ranks.writer:
         state = read_json_state(directory / "state.json", identity)
@@ -147,31 +147,14 @@ def run_calibration(
             state = {"identity": identity, "next_layer": 0, "layers": [], "head": False}
     state = ranks.broadcast(state, owner=0)
 
-    stream = LayerStream(checkpoint)
+    device = torch.device(device)
+    stream = LayerStream(checkpoint, device=device)
     client = (CalibratingClient(stream, plan, run.settings, on_step) if ranks.count == 1
               else ExpertSharingClient(stream, plan, run.settings, ranks, on_step))
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0) if ranks.index == int(os.environ.get(FAULT_RANK_ENV, "0")) \
         else 0
-    if state["next_layer"] < layers or not state["head"]:
-        hidden = stream.start(run.batch.tokens) if state["next_layer"] == 0 else _load_hidden(directory)
-        for layer in range(state["next_layer"], layers):
-            if on_layer:
-                on_layer(layer, layers)
-            hidden, result = client.calibrate_layer(layer, hidden)
-            state["layers"].append(_coverage_entry(result))
-            state["next_layer"] = layer + 1
-            if ranks.writer:
-                _save_atomic(_packed_state(result.quantized), _layer_file(directory, layer))
-                _save_atomic(_hidden_state(hidden), directory / "hidden.safetensors")
-                atomic_write_json(directory / "state.json", state)  # the commit point of this layer
-            if fault_after and layer + 1 >= fault_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-        if ranks.writer:  # lm_head needs no other rank: the others are done
-            head = client.head(hidden.main)
-            if head:
-                _save_atomic(_packed_state(head), directory / "head.safetensors")
-            state["head"] = True
-            atomic_write_json(directory / "state.json", state)
+    with torch.device(device):  # the quantization math's own tensors (GPTQ's scratch) on the device too
+        _walk(stream, client, run, directory, state, ranks, fault_after, on_layer)
 
     files: dict[str, Path] = {}
     for item in plan.quantized():
@@ -181,6 +164,33 @@ def run_calibration(
         elif module.role == Role.LM_HEAD:
             files[module.name] = directory / "head.safetensors"
     return CalibratedTensors(directory, files), coverage_document(plan, run, state["layers"])
+
+
+def _walk(stream: LayerStream, client: CalibratingClient, run: CalibrationRun, directory: Path,
+          state: dict[str, Any], ranks: Ranks, fault_after: int, on_layer: LayerProgressFn | None) -> None:
+    """The layers not yet committed, then lm_head; rank 0 commits each as it finishes."""
+    layers = stream.config.num_hidden_layers
+    if state["next_layer"] >= layers and state["head"]:
+        return
+    hidden = stream.start(run.batch.tokens) if state["next_layer"] == 0 else _load_hidden(directory, stream.device)
+    for layer in range(state["next_layer"], layers):
+        if on_layer:
+            on_layer(layer, layers)
+        hidden, result = client.calibrate_layer(layer, hidden)
+        state["layers"].append(_coverage_entry(result))
+        state["next_layer"] = layer + 1
+        if ranks.writer:
+            _save_atomic(_packed_state(result.quantized), _layer_file(directory, layer))
+            _save_atomic(_hidden_state(hidden), directory / "hidden.safetensors")
+            atomic_write_json(directory / "state.json", state)  # the commit point of this layer
+        if fault_after and layer + 1 >= fault_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if ranks.writer:  # lm_head needs no other rank: the others are done
+        head = client.head(hidden.main)
+        if head:
+            _save_atomic(_packed_state(head), directory / "head.safetensors")
+        state["head"] = True
+        atomic_write_json(directory / "state.json", state)
 
 
 def coverage_document(plan: QuantPlan, run: CalibrationRun, layers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -146,7 +146,7 @@ class CalibratingClient(StreamClient):
         down_stats = None
         if self._scheme(down_name) is not None:
             hidden = inputs.swiglu(gate, up)
-            down_stats = InputStatistics(hidden.shape[-1], paired=inputs.reference is not None)
+            down_stats = InputStatistics(hidden.shape[-1], paired=inputs.reference is not None, device=hidden.device)
             down_stats.add_blocked(hidden, inputs.reference, lambda xr: swiglu_intermediate(xr, source_gate, source_up))
         down = self._quantize(down_name, source_down, down_stats, inputs.writes_residual_before)
         return gate, up, down
@@ -199,7 +199,7 @@ class CalibratingClient(StreamClient):
         parts: list[PackedWeight] = []
         for start in range(0, rows_total, HEAD_ROW_BLOCK):
             rows = checkpoint.read_rows(layout.lm_head_key, start, min(start + HEAD_ROW_BLOCK, rows_total))
-            parts.append(self._pack(name, rows.float(), stats, rows.dtype))
+            parts.append(self._pack(name, rows.to(self.stream.device).float(), stats, rows.dtype))
         zero = [p.zero_point for p in parts]
         merged = PackedWeight(
             scheme,

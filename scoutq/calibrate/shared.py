@@ -66,11 +66,13 @@ class ExpertSharingClient(CalibratingClient):
     def _quantize_apart(self, names: tuple[str, str, str], weights: Weights, inputs: ExpertInput) -> ExpertResult:
         """The single-process expert step, its results taken out of the layer's result again."""
         super().expert(names, weights, inputs)
-        packed = {name: self.result.quantized.pop(name) for name in names if name in self.result.quantized}
+        # Sent through the CPU: a pickled GPU tensor would land on the sender's device index.
+        packed = {name: self.result.quantized.pop(name).to("cpu") for name in names if name in self.result.quantized}
         return packed, self.result.experts.pop()
 
     def expert(self, names: tuple[str, str, str], weights: Weights, inputs: ExpertInput) -> Weights:
         packed, coverage = self.ranks.broadcast(self._ahead.pop(inputs.expert, None), self._owners[inputs.expert])
+        packed = {name: weight.to(self.stream.device) for name, weight in packed.items()}
         self.result.experts.append(coverage)
         self.result.quantized.update(packed)  # gate, up, down: the single-process order
         return tuple(packed[name].dequantize().float() if name in packed else weight

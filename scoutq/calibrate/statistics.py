@@ -16,9 +16,9 @@ class InputStatistics:
     """Running X^T X (fp32) and token count of one module input; with a paired reference input
     (the same tokens through the source weights), also X^T X_r."""
 
-    def __init__(self, features: int, paired: bool = False):
-        self.hessian = torch.zeros(features, features)
-        self.cross = torch.zeros(features, features) if paired else None
+    def __init__(self, features: int, paired: bool = False, device: torch.device | str = "cpu"):
+        self.hessian = torch.zeros(features, features, device=device)
+        self.cross = torch.zeros(features, features, device=device) if paired else None
         self.tokens = 0
         self._factorized: Factorized | None = None
 
@@ -51,6 +51,6 @@ class InputStatistics:
     @classmethod
     def of(cls, x: torch.Tensor, reference: torch.Tensor | None = None) -> InputStatistics:
         """Statistics of x; paired with `reference` (same rows, source-weight stream) if given."""
-        stats = cls(x.shape[-1], paired=reference is not None)
+        stats = cls(x.shape[-1], paired=reference is not None, device=x.device)
         stats.add(x, reference)
         return stats

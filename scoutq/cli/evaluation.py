@@ -14,6 +14,7 @@ from scoutq.checkpoint.reader import require_directory
 from scoutq.checkpoint.writer import atomic_write_bytes, atomic_write_json
 from scoutq.cli._output import console, error_console, result_json, step_progress_plain, table
 from scoutq.errors import ScoutqError
+from scoutq.stream.processes import resolve_device
 
 EXAMPLES = """Examples:
 
@@ -49,6 +50,8 @@ def eval_command(
         help="Walk the checkpoints layer by layer instead of loading them (models larger than memory).")] = False,
     top_k: Annotated[int, typer.Option(help="Reference log-probabilities kept per token in --layer-walk mode.",
                                        min=1)] = 64,
+    device: Annotated[str, typer.Option(
+        help="Where the models compute: cpu, cuda or auto (cuda when visible).")] = "cpu",
     save_reference: Annotated[Path | None, typer.Option(
         help="--layer-walk: store the reference's (or, without --reference, this model's) top-k "
              "log-probabilities here, for `--reference FILE` in later runs.")] = None,
@@ -81,31 +84,34 @@ def eval_command(
     if save_reference is not None and not layer_walk:
         raise ScoutqError("--save-reference stores layer-walked scores; add --layer-walk")
     name, texts = evaluation_texts(dataset)
+    chosen_device = resolve_device(device)
 
     errors, latency_report = None, None
     if layer_walk:
-        comparison = _walked(model, reference, stored_reference, name, texts, seq_len, samples, top_k, save_reference)
+        comparison = _walked(model, reference, stored_reference, name, texts, seq_len, samples, top_k, save_reference,
+                             chosen_device)
     else:
         windows = evaluation_windows(model, seq_len, samples, texts)
-        candidate = load_model(model, dtype=DTYPES[dtype], backend=backend)
-        reference_model = load_model(reference, dtype=DTYPES[dtype]) if reference is not None else None
+        candidate = load_model(model, device=chosen_device, dtype=DTYPES[dtype], backend=backend)
+        reference_model = load_model(reference, device=chosen_device, dtype=DTYPES[dtype]) if reference is not None \
+            else None
         with step_progress_plain() as progress:
             task = progress.add_task("evaluate", total=windows.shape[0])
             comparison = compare_models(candidate, reference_model, windows, batch_size,
                                         on_batch=lambda done: progress.update(task, completed=done))
         del reference_model
         if reference is not None and "quantization_config" in jsonlib.loads((model / "config.json").read_text()):
-            errors = error_tables(model, reference, windows)
+            errors = error_tables(model, reference, windows, device=chosen_device)
         if latency:
             from scoutq.evaluate.latency import measure_latency
 
             # Speed is measured as the runtime is used: bf16 activations, whatever --dtype the
             # quality comparison ran in (the packed CPU kernels are 5-30x slower in fp32).
             del candidate
-            runtime = load_model(model, dtype=torch.bfloat16, backend=backend)
+            runtime = load_model(model, device=chosen_device, dtype=torch.bfloat16, backend=backend)
             latency_report = measure_latency(runtime, runtime.config.vocab_size).to_json()
     environment = {"scoutq": _version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "device": "cpu", "dtype": "fp32" if layer_walk else dtype,
+                   "device": str(chosen_device), "dtype": "fp32" if layer_walk else dtype,
                    "backend": "layer-walk (dequantized, fp32)" if layer_walk else backend or "default"}
     report = build_report(str(model), str(reference) if reference else None, name, seq_len, comparison, errors,
                           latency_report, environment, round(time.perf_counter() - started, 2))
@@ -129,7 +135,7 @@ def eval_command(
 
 
 def _walked(model: Path, reference: Path | None, stored: bool, dataset: str, texts: list[str] | None, seq_len: int,
-            samples: int | None, top_k: int, save_to: Path | None) -> Any:
+            samples: int | None, top_k: int, save_to: Path | None, device: torch.device) -> Any:
     """Layer-walked scores of the reference (walked, or read from a stored file) and the model."""
     from scoutq.checkpoint.config import load_text_config
     from scoutq.evaluate.walked import load_reference, save_reference, walk_scores, walked_comparison
@@ -147,11 +153,11 @@ def _walked(model: Path, reference: Path | None, stored: bool, dataset: str, tex
             windows = evaluation_windows(model, seq_len, samples, texts)
         if reference is not None and not stored:
             task = progress.add_task(f"walk {reference.name}", total=None)
-            reference_scores = walk_scores(reference, windows, top_k,
+            reference_scores = walk_scores(reference, windows, top_k, device=device,
                                            on_layer=lambda i, n: progress.update(task, completed=i, total=n))
             progress.update(task, completed=progress.tasks[task].total)
         task = progress.add_task(f"walk {model.name}", total=None)
-        scores = walk_scores(model, windows, top_k, reference_scores,
+        scores = walk_scores(model, windows, top_k, reference_scores, device=device,
                              on_layer=lambda i, n: progress.update(task, completed=i, total=n))
         progress.update(task, completed=progress.tasks[task].total)
     if save_to is not None:

@@ -21,7 +21,7 @@ from scoutq.errors import ScoutqError
 from scoutq.pipeline.quantize import estimate_peak_memory, quantize_checkpoint
 from scoutq.quant.plan import QuantPlan, build_plan
 from scoutq.quant.recipe import Recipe, load_recipe
-from scoutq.stream.processes import join, launched_ranks
+from scoutq.stream.processes import join, launched_ranks, resolve_device
 
 EXAMPLES = """Examples:
 
@@ -86,6 +86,9 @@ def quantize(
         help="Every expert's statistics see all tokens (scaled by its own router score), or only its routed tokens.")] = None,
     min_tokens: Annotated[int | None, typer.Option(
         help="Experts routed fewer tokens fall back to the recipe's fallback (rtn or all_experts).", min=0)] = None,
+    device: Annotated[str, typer.Option(
+        help="Where the calibrated layer walk computes: cpu, cuda (this rank's GPU) or auto (cuda when visible).")
+    ] = "cpu",
     nproc: Annotated[int, typer.Option(
         help="Processes (torch.distributed ranks, gloo) that share a calibrated run's routed experts; the output "
              "is byte-identical for any number. Under torchrun, WORLD_SIZE decides instead.", min=1)] = 1,
@@ -98,7 +101,8 @@ def quantize(
     """
     if nproc > 1 and launched_ranks() == 1 and not dry_run:
         raise typer.Exit(launch(without_nproc(command_line), nproc))
-    ranks = join()
+    chosen_device = resolve_device(device)
+    ranks = join(chosen_device)
     if not ranks.writer:
         json = False  # one report per run: rank 0's
     checkpoint = Checkpoint.open_for_planning(src) if dry_run else Checkpoint.open(src)
@@ -160,7 +164,8 @@ def quantize(
                 task = progress.add_task(f"write {plan.recipe.name}", total=totals["bytes_in"])
                 report = quantize_checkpoint(src, plan, checkpoint, out, max_shard_bytes=shard_bytes, workers=workers,
                                              overwrite=overwrite, on_progress=lambda n: progress.advance(task, n),
-                                             calibration=run, on_layer=on_layer, on_layer_step=on_step, ranks=ranks)
+                                             calibration=run, on_layer=on_layer, on_layer_step=on_step, ranks=ranks,
+                                             device=chosen_device)
     except KeyboardInterrupt:
         error_console.print(f"interrupted: finished shards are kept in {out}; run the same command again to resume")
         raise typer.Exit(130) from None

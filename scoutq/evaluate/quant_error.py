@@ -94,13 +94,14 @@ class ExpertErrors(StreamClient):
         return weights
 
 
-def error_tables(candidate_dir: Path, reference_dir: Path, windows: torch.Tensor, max_windows: int = 8) -> ErrorTables:
+def error_tables(candidate_dir: Path, reference_dir: Path, windows: torch.Tensor, max_windows: int = 8,
+                 device: torch.device | str = "cpu") -> ErrorTables:
     """Weight and output SQNR of every routed expert (and shared expert) of every MoE layer."""
     candidate, source = Checkpoint.open(candidate_dir), Checkpoint.open(reference_dir)
     if candidate.config.num_local_experts != source.config.num_local_experts:
         raise ScoutqError(f"{candidate_dir} and {reference_dir} have different numbers of experts")
     tables = ErrorTables([], [], [])
-    stream = LayerStream(source, ExpertErrors(DenseWeights(candidate), tables))
+    stream = LayerStream(source, ExpertErrors(DenseWeights(candidate, device), tables), device)
     hidden = stream.start(windows[:max_windows])
     with torch.inference_mode():
         for layer in range(source.config.num_hidden_layers):

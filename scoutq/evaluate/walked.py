@@ -61,7 +61,7 @@ class RoutingRecorder(StreamClient):
         self.chosen: dict[int, torch.Tensor] = {}  # MoE layer -> [N, k] experts
 
     def routing(self, layer: int, experts: torch.Tensor) -> None:
-        self.chosen[layer] = experts
+        self.chosen[layer] = experts.cpu()
 
 
 def _head_scores(stream: LayerStream, hidden: torch.Tensor, targets: torch.Tensor, top_k: int,
@@ -69,12 +69,13 @@ def _head_scores(stream: LayerStream, hidden: torch.Tensor, targets: torch.Tenso
     """One pass over lm_head in row blocks with running log-sum-exp, argmax and top-k."""
     tokens = hidden.shape[0]
     k = min(top_k, stream.config.vocab_size)
-    running_max = torch.full((tokens,), -torch.inf, dtype=torch.float64)
-    running_sum = torch.zeros(tokens, dtype=torch.float64)
-    target_logit = torch.zeros(tokens, dtype=torch.float64)
-    top_values = torch.full((tokens, k), -torch.inf)
-    top_ids = torch.zeros(tokens, k, dtype=torch.int64)
-    at_reference = None if reference_ids is None else torch.zeros(reference_ids.shape, dtype=torch.float64)
+    on = hidden.device
+    running_max = torch.full((tokens,), -torch.inf, dtype=torch.float64, device=on)
+    running_sum = torch.zeros(tokens, dtype=torch.float64, device=on)
+    target_logit = torch.zeros(tokens, dtype=torch.float64, device=on)
+    top_values = torch.full((tokens, k), -torch.inf, device=on)
+    top_ids = torch.zeros(tokens, k, dtype=torch.int64, device=on)
+    at_reference = None if reference_ids is None else torch.zeros(reference_ids.shape, dtype=torch.float64, device=on)
     for start, logits in stream.logit_blocks(hidden):  # [tokens, block] fp32
         stop = start + logits.shape[1]
         block = logits.double()
@@ -102,21 +103,21 @@ def _head_scores(stream: LayerStream, hidden: torch.Tensor, targets: torch.Tenso
 
 
 def walk_scores(path: Path, windows: torch.Tensor, top_k: int = 64, reference: TokenScores | None = None,
-                on_layer: Callable[[int, int], None] | None = None) -> TokenScores:
-    """Walk `path` layer by layer over the windows; per-token scores (see the module docstring)."""
+                on_layer: Callable[[int, int], None] | None = None, device: torch.device | str = "cpu") -> TokenScores:
+    """Walk `path` layer by layer over the windows on `device`; per-token scores (see the module docstring)."""
     recorder = RoutingRecorder()
-    stream = LayerStream(Checkpoint.open(path), recorder)
+    stream = LayerStream(Checkpoint.open(path), recorder, device)
     layers = stream.config.num_hidden_layers
-    inputs, targets = windows[:, :-1], windows[:, 1:].reshape(-1)
+    inputs, targets = windows[:, :-1], windows[:, 1:].reshape(-1).to(stream.device)
     hidden = stream.start(inputs)
     with torch.inference_mode():
         for layer in range(layers):
             if on_layer is not None:
                 on_layer(layer, layers)
             hidden = stream.layer(layer, hidden)
-        reference_ids = reference.top_ids if reference is not None else None
-        nll, argmax, top_ids, top_logprobs, at_reference = _head_scores(
-            stream, hidden.main.reshape(-1, hidden.main.shape[-1]), targets, top_k, reference_ids)
+        reference_ids = reference.top_ids.to(stream.device) if reference is not None else None
+        scores = _head_scores(stream, hidden.main.reshape(-1, hidden.main.shape[-1]), targets, top_k, reference_ids)
+    nll, argmax, top_ids, top_logprobs, at_reference = (None if t is None else t.cpu() for t in scores)
     return TokenScores(windows, nll, argmax, top_ids, top_logprobs, recorder.chosen,
                        None if at_reference is None else at_reference.float())
 

@@ -304,6 +304,7 @@ def quantize_checkpoint(
     on_layer: LayerProgressFn | None = None,
     on_layer_step: ProgressFn | None = None,
     ranks: Ranks = SINGLE,
+    device: torch.device | str = "cpu",
 ) -> QuantizeReport:
     """Write the quantized checkpoint `plan` describes into `dst` (resuming when possible).
 
@@ -314,6 +315,7 @@ def quantize_checkpoint(
     ranks: the processes of a multi-process run. Every rank takes part in the calibrated layer
     walk; rank 0 alone prepares the destination and writes the shards (the others return once
     the walk is done, with shards_reused 0 and nothing written).
+    device: where the calibrated layer walk computes (round-to-nearest runs on the CPU threads).
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -346,7 +348,7 @@ def quantize_checkpoint(
     calibrated, coverage = None, None
     if calibration is not None:
         calibrated, coverage = run_calibration(checkpoint, plan, calibration, dst / CALIBRATION_DIR, identity,
-                                               on_layer, on_layer_step, ranks)
+                                               on_layer, on_layer_step, ranks, device)
     if not ranks.writer:
         return QuantizeReport(str(dst), identity, len(shards), 0, bytes_in, bytes_out, time.perf_counter() - started,
                               warnings=plan.warnings, coverage=coverage)

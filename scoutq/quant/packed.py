@@ -59,6 +59,11 @@ class PackedWeight:
         """The dense weight [out, in] in the scale's dtype, bit-identical to compressed-tensors'."""
         return primitives.dequantize(self.unpacked(), self.scale, self.zero_point, self.scheme)
 
+    def to(self, device: torch.device | str) -> PackedWeight:
+        """The same weight with its tensors on `device` (bits unchanged)."""
+        zero = None if self.zero_point is None else self.zero_point.to(device)
+        return PackedWeight(self.scheme, self.packed.to(device), self.scale.to(device), zero, self.shape)
+
     def state(self) -> dict[str, torch.Tensor]:
         """Stored tensors by suffix, in file order."""
         tensors = {"weight_packed": self.packed, "weight_scale": self.scale}

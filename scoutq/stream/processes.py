@@ -75,6 +75,24 @@ def launched_ranks() -> int:
         raise ScoutqError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
 
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device a process computes on: `cpu`, `cuda` (this rank's GPU: LOCAL_RANK modulo the
+    GPUs visible), or `auto` (cuda when a GPU is visible, else cpu)."""
+    if spec not in DEVICE_CHOICES:
+        raise ScoutqError(f"--device {spec}: expected one of {', '.join(DEVICE_CHOICES)}")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU build)"
+        raise ScoutqError(f"--device cuda: no CUDA device is visible (torch {torch.__version__} has {built}); "
+                          "use --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return torch.device("cuda", local % torch.cuda.device_count())
+
+
 def join(device: torch.device | None = None) -> Ranks:
     """Join the process group the environment describes; a single-process Ranks without one."""
     if launched_ranks() == 1:

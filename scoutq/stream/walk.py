@@ -10,7 +10,8 @@ Only one layer's non-expert weights and one routed expert's weights are resident
 states [S, T, D] (fp32) are all that is carried from one layer to the next, so peak memory is
 one layer's working set plus the hidden states, never the model. Weights come from the
 checkpoint through positioned reads (weights.py), dequantized when the checkpoint is a
-quantized one, so the same stream walks a bf16 source and a scoutq output.
+quantized one, so the same stream walks a bf16 source and a scoutq output. Weights and hidden
+states live on the stream's device (a GPU, or the CPU); reads stay streamed through the CPU.
 
 The math is model/'s own: the attention module of llama4.py (weights assigned, o_proj applied
 after the client has seen its input), RMSNorm's normalisation, and moe.py's routing and
@@ -59,11 +60,13 @@ class Hidden:
 class LayerStream:
     """Walks one checkpoint layer by layer for one client; see the module docstring."""
 
-    def __init__(self, checkpoint: Checkpoint, client: StreamClient | None = None):
+    def __init__(self, checkpoint: Checkpoint, client: StreamClient | None = None,
+                 device: torch.device | str = "cpu"):
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.layout = checkpoint.layout
-        self.weights = DenseWeights(checkpoint)
+        self.device = torch.device(device)
+        self.weights = DenseWeights(checkpoint, self.device)
         self.client = client or StreamClient()
 
     def _norm(self, x: torch.Tensor, key: str) -> torch.Tensor:
@@ -74,7 +77,7 @@ class LayerStream:
 
     def start(self, tokens: torch.Tensor) -> Hidden:
         """The hidden states entering layer 0 for token windows [S, T] (both streams, when paired)."""
-        x = self.embed(tokens)
+        x = self.embed(tokens.to(self.device))
         return Hidden(x, x.clone() if self.client.paired else None)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -85,7 +88,8 @@ class LayerStream:
         ids = torch.unique(tokens)
         if int(ids.max()) >= info.shape[0]:
             raise ScoutqError(f"token id {int(ids.max())} is outside the embedding ({info.shape[0]} rows)")
-        rows = torch.stack([self.checkpoint.read_rows(info.name, int(i), int(i) + 1)[0] for i in ids]).float()
+        rows = torch.stack([self.checkpoint.read_rows(info.name, int(i), int(i) + 1)[0] for i in ids]).to(self.device)
+        rows = rows.float()
         return rows[torch.searchsorted(ids, tokens.contiguous())]
 
     def final_normed(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -100,7 +104,7 @@ class LayerStream:
         if key in self.checkpoint.tensors:
             rows = config.vocab_size
             for start in range(0, rows, block):
-                yield start, self.checkpoint.read_rows(key, start, min(start + block, rows))
+                yield start, self.checkpoint.read_rows(key, start, min(start + block, rows)).to(self.device)
             return
         dense = self.weights.linear(key.removesuffix(".weight"))
         for start in range(0, dense.shape[0], block):
@@ -172,7 +176,7 @@ class LayerStream:
         state = {f"{p}_proj.weight": w for p, w in zip("qkv", qkv, strict=True)}
         state |= {f"{p}_proj.bias": b for p, b in zip("qkv", biases, strict=False) if b is not None}
         attention.load_state_dict(state, assign=True, strict=True)
-        positions = torch.arange(normed.shape[1])
+        positions = torch.arange(normed.shape[1], device=normed.device)
         rope = rope_angles(positions, self.config.head_dim, self.config.rope)
         step = SEQUENCES_PER_BATCH
         with torch.inference_mode():
@@ -233,7 +237,7 @@ class LayerStream:
 def _blocked_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """down(silu(gate x) * up x) a block of tokens at a time: the reference stream's SwiGLU, whose
     [tokens, intermediate] activation is the widest of the walk."""
-    out = torch.empty(x.shape[0], down.shape[0])
+    out = torch.empty(x.shape[0], down.shape[0], device=x.device)
     for start in range(0, x.shape[0], REFERENCE_TOKEN_BLOCK):
         out[start : start + REFERENCE_TOKEN_BLOCK] = swiglu_intermediate(x[start : start + REFERENCE_TOKEN_BLOCK],
                                                                         gate, up) @ down.t()

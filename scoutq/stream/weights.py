@@ -23,8 +23,11 @@ ROUTED_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.\d+\.")
 
 
 class DenseWeights:
-    def __init__(self, checkpoint: Checkpoint):
+    """fp32 weights on `device`: read on the CPU (positioned reads), moved once, dequantized there."""
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device | str = "cpu"):
         self.checkpoint = checkpoint
+        self.device = torch.device(device)
         self.layout = checkpoint.layout
         qconfig = checkpoint.config_json.get("quantization_config")
         self.config_path = checkpoint.directory / "config.json"
@@ -32,7 +35,7 @@ class DenseWeights:
 
     def tensor(self, key: str) -> torch.Tensor:
         """A stored tensor (norm weights, router, biases) as fp32."""
-        return self.checkpoint.read(key).float()
+        return self.checkpoint.read(key).to(self.device).float()
 
     def linear(self, module: str) -> torch.Tensor:
         """nn.Linear weight [out, in] of `module` (a key without `.weight`), fp32."""
@@ -42,7 +45,7 @@ class DenseWeights:
         group = group_for(module, self.groups, self.ignore, self.config_path) if self.groups else None
         if group is None or f"{module}.weight_packed" not in tensors:
             raise CheckpointError(f"{self.checkpoint.directory}: no weight for module {module!r}")
-        state = {s: self.checkpoint.read(f"{module}.{s}") for s in SUFFIXES if f"{module}.{s}" in tensors}
+        state = {s: self.checkpoint.read(f"{module}.{s}").to(self.device) for s in SUFFIXES if f"{module}.{s}" in tensors}
         return PackedWeight.from_state(state, group.scheme).dequantize().float()
 
     def dtype(self, module: str) -> torch.dtype:
@@ -66,7 +69,7 @@ class DenseWeights:
         """(gate, up, down) of one routed expert as nn.Linear weights [out, in], fp32."""
         if self.layout.gate_up_key(layer) in self.checkpoint.tensors:
             gate, up, down = self.checkpoint.read_expert(layer, expert)
-            return gate.float(), up.float(), down.float()
+            return gate.to(self.device).float(), up.to(self.device).float(), down.to(self.device).float()
         names = [self.layout.layer_key(layer, f"feed_forward.experts.{expert}.{p}_proj") for p in ("gate", "up", "down")]
         gate, up, down = (self.linear(name) for name in names)
         return gate, up, down

@@ -51,8 +51,10 @@ def single(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     return result
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-@pytest.mark.parametrize("recipe", ["w4a16-g128", "w4a16-g128-gptq", "w4a16-g128-gptaq"])
+# Every recipe with 2 ranks, and an uneven split (3 ranks, 8 experts) for GPTQ; the full
+# 3 x {2, 3} matrix takes a minute more on 2 cores and gave the same bytes when run.
+@pytest.mark.parametrize(("recipe", "nproc"), [("w4a16-g128", 2), ("w4a16-g128-gptq", 2), ("w4a16-g128-gptq", 3),
+                                               ("w4a16-g128-gptaq", 2)])
 def test_any_number_of_ranks_writes_the_same_bytes(tiny_checkpoint: Path, tmp_path: Path, single: dict,
                                                    recipe: str, nproc: int) -> None:
     extra = SMALL if recipe != "w4a16-g128" else []
@@ -79,7 +81,7 @@ def test_torchrun_runs_the_same_command(tiny_checkpoint: Path, tmp_path: Path, s
 def test_a_rank_killed_mid_layer_fails_cleanly_and_the_rerun_resumes(tiny_checkpoint: Path, tmp_path: Path,
                                                                      single: dict) -> None:
     out = tmp_path / "out"
-    command = ["quantize", str(tiny_checkpoint), "--recipe", "w4a16-g128-gptaq", "--out", str(out), *SMALL,
+    command = ["quantize", str(tiny_checkpoint), "--recipe", "w4a16-g128-gptq", "--out", str(out), *SMALL,
                "--nproc", "2"]
     killed = scoutq(*command, env={"SCOUTQ_FAULT_IN_LAYER": "2", "SCOUTQ_FAULT_RANK": "1"})
     assert killed.returncode == 1
@@ -91,7 +93,7 @@ def test_a_rank_killed_mid_layer_fails_cleanly_and_the_rerun_resumes(tiny_checkp
 
     resumed = scoutq(*command)
     assert resumed.returncode == 0, resumed.stderr
-    assert digests(out) == single["w4a16-g128-gptaq"]
+    assert digests(out) == single["w4a16-g128-gptq"]
 
 
 def test_a_bad_input_fails_every_rank_with_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
