@@ -19,7 +19,7 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_gpu_script_runs_on_the_tiny_fixture(tmp_path: Path) -> None:
-    done = bench("--tiny", "--device", "cpu", "--samples", "4", "--seq-len", "32", "--dir", str(tmp_path))
+    done = bench("--tiny", "--device", "cpu", "--samples", "2", "--seq-len", "16", "--dir", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     table = done.stdout[done.stdout.index("bench-gpu (cpu"):]
     assert "quantize w4a16-g128 (RTN)" in table and "calibrate w4a16-g128-gptq, cpu, 1 rank" in table
