@@ -131,10 +131,6 @@ class CalibrationBatch:
 # -- loading definitions -----------------------------------------------------------------------
 
 
-def shipped_calibration_dir() -> Path:
-    return shipped_dir("calibration")
-
-
 def shipped_calibration_sets() -> list[Path]:
     return shipped_yaml("calibration")
 
@@ -149,7 +145,7 @@ def load_calibration_set(name_or_path: str | Path) -> CalibrationSet:
             )
         return _load_yaml(file)
     if file.parent == Path(".") and not file.suffix:
-        shipped = shipped_calibration_dir() / f"{file.name}.yaml"
+        shipped = shipped_dir("calibration") / f"{file.name}.yaml"
         if shipped.is_file():
             return _load_yaml(shipped)
     names = ", ".join(p.stem for p in shipped_calibration_sets())

@@ -169,10 +169,6 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ScoutqError(f"{file}: {where}: {first['msg']}") from None
 
 
-def shipped_recipes_dir() -> Path:
-    return shipped_dir("recipes")
-
-
 def shipped_recipes() -> list[Path]:
     return shipped_yaml("recipes")
 
@@ -182,7 +178,7 @@ def resolve_recipe_path(path: str | Path) -> Path:
     if file.is_file():
         return file
     if file.parent == Path(".") and not file.suffix:
-        shipped = shipped_recipes_dir() / f"{file.name}.yaml"
+        shipped = shipped_dir("recipes") / f"{file.name}.yaml"
         if shipped.is_file():
             return shipped
     names = ", ".join(p.stem for p in shipped_recipes())
