@@ -108,6 +108,8 @@ class CalibratingClient(StreamClient):
 
     def __init__(self, stream: LayerStream, plan: QuantPlan, settings: CalibrationSettings,
                  on_progress: ProgressFn | None = None):
+        # The client reads weights and config through the stream it drives, so it attaches itself
+        # to that stream rather than being passed to it.
         stream.client = self
         self.stream = stream
         self.settings = settings
