@@ -31,8 +31,12 @@ def _run(scoutq: str, source: Path, out: Path, args: object, ranks: int) -> dict
     probe = subprocess.run([sys.executable, "-m", "scoutq.bench.peak_rss", "--", *command], capture_output=True,
                            text=True, check=False)
     measured = json.loads(probe.stdout.strip().splitlines()[-1])
-    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()[:16] if measured["exit_code"] == 0 \
-        else "failed"
+    digest = "failed"
+    if measured["exit_code"] == 0:  # every shard, in name order (real-shape outputs are sharded)
+        hasher = hashlib.sha256()
+        for shard in sorted(out.glob("*.safetensors")):
+            hasher.update(shard.read_bytes())
+        digest = hasher.hexdigest()[:16]
     return {"ranks": ranks, "seconds": measured["seconds"], "peak_rss_gb": round(measured["peak_rss_bytes"] / 1e9, 2),
             "sha256": digest}
 
