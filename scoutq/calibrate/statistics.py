@@ -8,8 +8,7 @@ import torch
 
 from scoutq.quant.gptq import Factorized, factorize
 from scoutq.quant.recipe import GptqSettings
-
-REFERENCE_TOKEN_BLOCK = 4096  # tokens per block when the reference input is computed on the fly
+from scoutq.stream.walk import REFERENCE_TOKEN_BLOCK  # the same blocks as the stream's reference SwiGLU
 
 
 class InputStatistics:
