@@ -37,11 +37,12 @@ from scoutq.calibrate.quantizer import (
     CalibrationSettings,
     LayerResult,
 )
-from scoutq.calibrate.shared import FAULT_RANK_ENV, ExpertSharingClient
+from scoutq.calibrate.shared import FAULT_RANK_ENV, ModuleSharingClient
 from scoutq.checkpoint.layout import Role
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.checkpoint.writer import atomic_path, atomic_write_json, read_json_state
 from scoutq.data.sets import CalibrationBatch
+from scoutq.errors import ScoutqError
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.plan import QuantPlan
 from scoutq.quant.recipe import Method
@@ -105,11 +106,25 @@ def _hidden_state(hidden: Hidden) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_hidden(directory: Path, device: torch.device) -> Hidden:
+def _load_hidden(directory: Path, windows: range, device: torch.device) -> Hidden:
+    """This rank's windows of the committed hidden states (any rank count can resume a run)."""
     with safe_open(str(directory / "hidden.safetensors"), framework="pt", device="cpu") as handle:
+        def read(name: str) -> torch.Tensor:
+            return handle.get_slice(name)[windows.start : windows.stop].to(device)
+
         names = handle.keys()  # a safetensors handle, not a dict
-        reference = handle.get_tensor("reference").to(device) if "reference" in names else None
-        return Hidden(handle.get_tensor("hidden").to(device), reference)
+        return Hidden(read("hidden"), read("reference") if "reference" in names else None)
+
+
+def _gathered_hidden(hidden: Hidden, ranks: Ranks) -> Hidden | None:
+    """Every rank's windows of `hidden`, in window order, on rank 0 (None on the others)."""
+    if ranks.count == 1:
+        return hidden
+    parts = ranks.gather((hidden.main.cpu(), None if hidden.reference is None else hidden.reference.cpu()), owner=0)
+    if parts is None:
+        return None
+    reference = None if hidden.reference is None else torch.cat([r for _, r in parts])
+    return Hidden(torch.cat([m for m, _ in parts]), reference)
 
 
 def _layer_file(directory: Path, layer: int) -> Path:
@@ -133,9 +148,10 @@ def run_calibration(
 ) -> tuple[CalibratedTensors, dict[str, Any]]:
     """Calibrate and quantize every text layer (resuming a matching earlier run in `directory`).
 
-    With several ranks (stream/processes.py) every rank walks the layers and shares the routed
-    experts' work (calibrate/shared.py); rank 0 alone reads and writes the calibration directory,
-    and tells the others where to start. Returns the calibrated tensors and the coverage document
+    With several ranks (stream/processes.py) each rank walks its share of the calibration windows
+    and the modules of each layer are quantized by their owner ranks (calibrate/shared.py); rank 0
+    alone writes the calibration directory (gathering the hidden states) and tells the others
+    where to start. Returns the calibrated tensors and the coverage document
     (coverage.json's content). The arithmetic runs on `device`; files are written from the CPU.
     """
     state = None
@@ -146,11 +162,14 @@ def run_calibration(
             directory.mkdir(parents=True)
             state = {"identity": identity, "next_layer": 0, "layers": [], "head": False}
     state = ranks.broadcast(state, owner=0)
+    if run.batch.samples < ranks.count:
+        raise ScoutqError(f"{ranks.count} processes need at least {ranks.count} calibration windows "
+                          f"(--samples {run.batch.samples}): each process carries whole windows")
 
     device = torch.device(device)
     stream = LayerStream(checkpoint, device=device)
     client = (CalibratingClient(stream, plan, run.settings, on_step) if ranks.count == 1
-              else ExpertSharingClient(stream, plan, run.settings, ranks, on_step))
+              else ModuleSharingClient(stream, plan, run.settings, ranks, on_step))
     fault_after = int(os.environ.get(FAULT_ENV, "0") or 0) if ranks.index == int(os.environ.get(FAULT_RANK_ENV, "0")) \
         else 0
     with torch.device(device):  # the quantization math's own tensors (GPTQ's scratch) on the device too
@@ -172,21 +191,28 @@ def _walk(stream: LayerStream, client: CalibratingClient, run: CalibrationRun, d
     layers = stream.config.num_hidden_layers
     if state["next_layer"] >= layers and state["head"]:
         return
-    hidden = stream.start(run.batch.tokens) if state["next_layer"] == 0 else _load_hidden(directory, stream.device)
+    windows = ranks.share(run.batch.samples)
+    hidden = (stream.start(run.batch.tokens[windows.start : windows.stop]) if state["next_layer"] == 0
+              else _load_hidden(directory, windows, stream.device))
+    whole: Hidden | None = None
     for layer in range(state["next_layer"], layers):
         if on_layer:
             on_layer(layer, layers)
         hidden, result = client.calibrate_layer(layer, hidden)
+        result.tokens = run.batch.tokens.numel()  # every rank's windows
         state["layers"].append(_coverage_entry(result))
         state["next_layer"] = layer + 1
-        if ranks.writer:
+        whole = _gathered_hidden(hidden, ranks)
+        if whole is not None:
             _save_atomic(_packed_state(result.quantized), _layer_file(directory, layer))
-            _save_atomic(_hidden_state(hidden), directory / "hidden.safetensors")
+            _save_atomic(_hidden_state(whole), directory / "hidden.safetensors")
             atomic_write_json(directory / "state.json", state)  # the commit point of this layer
         if fault_after and layer + 1 >= fault_after:
             os.kill(os.getpid(), signal.SIGKILL)
     if ranks.writer:  # lm_head needs no other rank: the others are done
-        head = client.head(hidden.main)
+        if whole is None:  # every layer was committed before: the final hidden states are on disk
+            whole = _load_hidden(directory, range(run.batch.samples), stream.device)
+        head = client.head(whole.main.to(stream.device))
         if head:
             _save_atomic(_packed_state(head), directory / "head.safetensors")
         state["head"] = True

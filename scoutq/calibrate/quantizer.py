@@ -149,7 +149,8 @@ class CalibratingClient(StreamClient):
         if self._scheme(down_name) is not None:
             hidden = inputs.swiglu(gate, up)
             down_stats = InputStatistics(hidden.shape[-1], paired=inputs.reference is not None, device=hidden.device)
-            down_stats.add_blocked(hidden, inputs.reference, lambda xr: swiglu_intermediate(xr, source_gate, source_up))
+            down_stats.add_windows(hidden, inputs.reference, lambda xr: swiglu_intermediate(xr, source_gate, source_up),
+                                   inputs.windows)
         down = self._quantize(down_name, source_down, down_stats, inputs.writes_residual_before)
         return gate, up, down
 

@@ -8,7 +8,7 @@ import torch
 
 from scoutq.quant.gptq import Factorized, factorize
 from scoutq.quant.recipe import GptqSettings
-from scoutq.stream.walk import REFERENCE_TOKEN_BLOCK  # the same blocks as the stream's reference SwiGLU
+from scoutq.stream.hooks import Windows
 
 
 class InputStatistics:
@@ -36,16 +36,16 @@ class InputStatistics:
             self.cross.addmm_(x.t(), reference.reshape(-1, x.shape[-1]).float())
         self.tokens += x.shape[0]
 
-    def add_blocked(self, x: torch.Tensor, reference_input: torch.Tensor | None,
-                    reference_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def add_windows(self, x: torch.Tensor, reference_input: torch.Tensor | None,
+                    reference_fn: Callable[[torch.Tensor], torch.Tensor], windows: Windows) -> None:
         """Add rows x [N, F]; paired, with reference_fn(reference_input) as their reference rows,
-        computed a block of tokens at a time (a SwiGLU intermediate is the widest activation)."""
+        computed a window at a time (a SwiGLU intermediate is the widest activation, and the
+        stream computes it window by window too)."""
         if reference_input is None:
             self.add(x)
             return
-        for start in range(0, x.shape[0], REFERENCE_TOKEN_BLOCK):
-            end = start + REFERENCE_TOKEN_BLOCK
-            self.add(x[start:end], reference_fn(reference_input[start:end]))
+        for rows, reference_rows in zip(windows.split(x), windows.split(reference_input), strict=True):
+            self.add(rows, reference_fn(reference_rows))
 
     @classmethod
     def of(cls, x: torch.Tensor, reference: torch.Tensor | None = None) -> InputStatistics:

@@ -90,8 +90,9 @@ def quantize(
         help="Where the calibrated layer walk computes: cpu, cuda (this rank's GPU) or auto (cuda when visible).")
     ] = "cpu",
     nproc: Annotated[int, typer.Option(
-        help="Processes (torch.distributed ranks, gloo) that share a calibrated run's routed experts; the output "
-             "is byte-identical for any number. Under torchrun, WORLD_SIZE decides instead.", min=1)] = 1,
+        help="Processes (torch.distributed ranks: gloo on CPU, NCCL on GPU) that share the run: calibration "
+             "windows and module groups, or the round-to-nearest tensors. The output is byte-identical for any "
+             "number. Under torchrun, WORLD_SIZE decides instead.", min=1)] = 1,
 ) -> None:
     """Quantize a Llama 4 checkpoint's experts (and whatever else the recipe says) to int8/int4.
 

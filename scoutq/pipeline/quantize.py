@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -207,33 +207,61 @@ def _produce(checkpoint: Checkpoint, unit: Unit, calibrated: CalibratedTensors |
 
 
 def _ordered_results(
-    checkpoint: Checkpoint, units: list[Unit], workers: int, calibrated: CalibratedTensors | None
+    checkpoint: Checkpoint, units: list[Unit], workers: int, calibrated: CalibratedTensors | None,
+    owners: list[int] | None = None, ranks: Ranks = SINGLE,
 ) -> Iterator[tuple[Unit, Iterator[tuple[str, torch.Tensor]]]]:
-    """Each unit's outputs, in order; up to `workers + 1` units computed ahead on the pool."""
+    """Each unit's outputs, in order; up to `workers + 1` units computed ahead on the pool. A
+    unit another rank owns (`owners`) is received from that rank when its turn comes."""
+    owners = owners or [ranks.index] * len(units)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scoutq-quant") as pool:
-        window: deque[tuple[Unit, Future[list[tuple[str, torch.Tensor]]] | None]] = deque()
-        pending = iter(units)
+        window: deque[tuple[Unit, int, Future[list[tuple[str, torch.Tensor]]] | None]] = deque()
+        pending = iter(zip(units, owners, strict=True))
 
         def submit_next() -> None:
-            for unit in pending:
-                if unit.streamed:  # computed lazily by the writer, in row blocks
-                    window.append((unit, None))
+            for unit, owner in pending:
+                if unit.streamed or owner != ranks.index:  # computed lazily by the writer, or received
+                    window.append((unit, owner, None))
                 else:
-                    window.append((unit, pool.submit(lambda u=unit: list(_produce(checkpoint, u, calibrated)))))
+                    window.append((unit, owner, pool.submit(lambda u=unit: list(_produce(checkpoint, u, calibrated)))))
                 return
 
         for _ in range(workers + 1):
             submit_next()
         try:
             while window:
-                unit, future = window.popleft()
+                unit, owner, future = window.popleft()
                 submit_next()
-                yield unit, iter(future.result()) if future is not None else _produce(checkpoint, unit, calibrated)
+                if future is not None:
+                    yield unit, iter(future.result())
+                elif owner != ranks.index:
+                    yield unit, iter(ranks.receive(owner))
+                else:
+                    yield unit, _produce(checkpoint, unit, calibrated)
         except BaseException:
-            for _, future in window:
+            for _, _, future in window:
                 if future is not None:
                     future.cancel()
             raise
+
+
+def _unit_owners(units: list[Unit], calibrated: CalibratedTensors | None, ranks: Ranks) -> list[int]:
+    """The rank that computes each unit: round-to-nearest expert slices and small tensors are
+    shared by their bytes (Ranks.owners); rank 0, the writer, keeps the streamed tensors and
+    the calibrated modules, which it copies from its own calibration directory."""
+    shared = [i for i, unit in enumerate(units) if not unit.streamed
+              and not (calibrated is not None and all(calibrated.has(item.module.name) for item in unit.modules))]
+    owners = [0] * len(units)
+    for i, owner in zip(shared, ranks.owners([units[i].bytes_in for i in shared]), strict=True):
+        owners[i] = owner
+    return owners
+
+
+def _send_owned(checkpoint: Checkpoint, units: list[Unit], owners: list[int], workers: int, ranks: Ranks) -> None:
+    """A rank other than the writer: compute the units it owns and send each to rank 0, in
+    order. A send waits for rank 0 to take it, so at most `workers + 1` units wait in memory."""
+    mine = [unit for unit, owner in zip(units, owners, strict=True) if owner == ranks.index]
+    for _, outputs in _ordered_results(checkpoint, mine, workers, None, ranks=ranks):
+        ranks.send(list(outputs), 0)
 
 
 def run_identity(checkpoint: Checkpoint, plan: QuantPlan, max_shard_bytes: int) -> dict[str, Any]:
@@ -313,8 +341,9 @@ def quantize_checkpoint(
     calibration: tokens and settings of a calibrated recipe; on_layer and on_layer_step
     report its layer walk (layer, layers) and the steps inside a layer.
     ranks: the processes of a multi-process run. Every rank takes part in the calibrated layer
-    walk; rank 0 alone prepares the destination and writes the shards (the others return once
-    the walk is done, with shards_reused 0 and nothing written).
+    walk and computes its share of the round-to-nearest units; rank 0 alone prepares the
+    destination and writes the shards (the others send it their units and return, with
+    shards_reused 0 and nothing written).
     device: where the calibrated layer walk computes (round-to-nearest runs on the CPU threads).
     """
     started = time.perf_counter()
@@ -345,17 +374,24 @@ def quantize_checkpoint(
     if ranks.writer:
         atomic_write_json(dst / JOURNAL_NAME, journal)
 
+    kept = ranks.broadcast(kept, owner=0)
+
     calibrated, coverage = None, None
     if calibration is not None:
         calibrated, coverage = run_calibration(checkpoint, plan, calibration, dst / CALIBRATION_DIR, identity,
                                                on_layer, on_layer_step, ranks, device)
-    if not ranks.writer:
-        return QuantizeReport(str(dst), identity, len(shards), 0, bytes_in, bytes_out, time.perf_counter() - started,
-                              warnings=plan.warnings, coverage=coverage)
 
     shard_of = {spec.name: index for index, shard in enumerate(shards) for spec in shard}
     units = work_units(plan)
     todo = [unit for unit in units if any(names[shard_of[o]] not in kept for o in unit.outputs)]
+    owners = _unit_owners(todo, calibrated, ranks)
+    if compile_kernels is None:
+        compile_kernels = rtn.compiler_available() and bytes_in > COMPILE_ABOVE_BYTES
+    if not ranks.writer:
+        with _rtn_settings(compile_kernels, workers):
+            _send_owned(checkpoint, todo, owners, workers, ranks)
+        return QuantizeReport(str(dst), identity, len(shards), 0, bytes_in, bytes_out, time.perf_counter() - started,
+                              warnings=plan.warnings, coverage=coverage)
     skipped = sum(unit.bytes_in for unit in units) - sum(unit.bytes_in for unit in todo)
     if on_progress and skipped:
         on_progress(skipped)
@@ -366,45 +402,49 @@ def quantize_checkpoint(
     def pieces() -> Iterator[tuple[int, str, torch.Tensor]]:
         """(shard index, tensor name, whole tensor or row block) of every output still to write,
         in file order; a unit's progress is reported once its last piece has been taken."""
-        for unit, outputs in _ordered_results(checkpoint, todo, workers, calibrated):
+        for unit, outputs in _ordered_results(checkpoint, todo, workers, calibrated, owners, ranks):
             for name, piece in outputs:
                 if names[shard_of[name]] not in kept:
                     yield shard_of[name], name, piece
             if on_progress:
                 on_progress(unit.bytes_in)
 
-    if compile_kernels is None:
-        compile_kernels = rtn.compiler_available() and bytes_in > COMPILE_ABOVE_BYTES
-    rtn.use_compiled(compile_kernels)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, torch_threads // max(workers, 1)))  # workers share the cores
-    try:
-        with closing(pieces()) as stream:
-            for index, shard_pieces in itertools.groupby(stream, key=itemgetter(0)):
-                with atomic_path(dst / names[index]) as partial:
-                    writer = StreamingWriter(partial, [(spec.name, spec.dtype, spec.shape) for spec in shards[index]])
-                    try:
-                        for _, name, piece in shard_pieces:
-                            writer.write(name, piece)
-                            written += piece.numel() * piece.element_size()
-                            if fault_after and written >= fault_after:
-                                os.kill(os.getpid(), signal.SIGKILL)
-                        writer.close()
-                    except BaseException:
-                        writer.abort()
-                        raise
-                    # Journal first, then rename (leaving atomic_path): a shard under its final name
-                    # is always journaled, so an interrupt between the two never makes a resume
-                    # rewrite a finished shard.
-                    journal["shards"][names[index]] = writer.sha256.hexdigest()
-                    atomic_write_json(dst / JOURNAL_NAME, journal)
-    finally:
-        torch.set_num_threads(torch_threads)
-        rtn.use_compiled(False)
+    with _rtn_settings(compile_kernels, workers), closing(pieces()) as stream:
+        for index, shard_pieces in itertools.groupby(stream, key=itemgetter(0)):
+            with atomic_path(dst / names[index]) as partial:
+                writer = StreamingWriter(partial, [(spec.name, spec.dtype, spec.shape) for spec in shards[index]])
+                try:
+                    for _, name, piece in shard_pieces:
+                        writer.write(name, piece)
+                        written += piece.numel() * piece.element_size()
+                        if fault_after and written >= fault_after:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                # Journal first, then rename (leaving atomic_path): a shard under its final name
+                # is always journaled, so an interrupt between the two never makes a resume
+                # rewrite a finished shard.
+                journal["shards"][names[index]] = writer.sha256.hexdigest()
+                atomic_write_json(dst / JOURNAL_NAME, journal)
 
     _finalize(src, dst, checkpoint, plan, shards, names, journal["shards"], identity, identity_body, coverage)
     return QuantizeReport(str(dst), identity, len(shards), len(kept), bytes_in, bytes_out,
                           time.perf_counter() - started, warnings=plan.warnings, coverage=coverage)
+
+
+@contextmanager
+def _rtn_settings(compile_kernels: bool, workers: int) -> Iterator[None]:
+    """Round-to-nearest's kernels (compiled or not) and threads (the workers share the cores)."""
+    rtn.use_compiled(compile_kernels)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, torch_threads // max(workers, 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        rtn.use_compiled(False)
 
 
 def _finalize(

@@ -1,11 +1,14 @@
 """The processes that walk the layer stream together: torch.distributed, joined through accelerate.
 
 A multi-process run (`torchrun --nproc-per-node N -m scoutq ...`, or scoutq's own `--nproc N`,
-which starts the same processes itself) has every rank walk the same tokens through the same
-layers in lockstep. Work that is independent within a layer (the routed experts) is split
-between the ranks by `Ranks.owners`; each owner's result is broadcast as it is, bit for bit,
-so every rank carries exactly the hidden states a single process would. Nothing is summed
-across ranks, which is why the output does not depend on the number of ranks.
+which starts the same processes itself) splits the calibration windows between the ranks
+(`Ranks.share`), and every rank walks its own windows through the same layers in lockstep. Each
+module of a layer has one owner rank (`Ranks.owners`): the owner gathers the module's inputs
+from every rank in window order, so it holds exactly the rows a single process would, quantizes,
+and broadcasts the result as it is, bit for bit. The stream computes everything a window's
+hidden states depend on one window at a time (hooks.Windows), so a window's values do not
+depend on the rank that carries it. No float is summed across ranks, which is why the output
+does not depend on the number of ranks.
 
 The process group is accelerate's `PartialState` (gloo on CPU, NCCL on GPU), set up from the
 environment torchrun defines (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Collectives time out
@@ -61,6 +64,37 @@ class Ranks:
         box: list[Any] = [value if self.index == owner else None]
         torch.distributed.broadcast_object_list(box, src=owner)
         return box[0]
+
+    def gather(self, value: T, owner: int) -> list[T] | None:
+        """Every rank's `value` in rank order on rank `owner`; None on the others."""
+        if self.count == 1:
+            return [value]
+        box: list[Any] | None = [None] * self.count if self.index == owner else None
+        torch.distributed.gather_object(value, box, dst=owner)
+        return box
+
+    def all_gather(self, value: T) -> list[T]:
+        """Every rank's `value`, in rank order, on every rank."""
+        if self.count == 1:
+            return [value]
+        box: list[Any] = [None] * self.count
+        torch.distributed.all_gather_object(box, value)
+        return box
+
+    def send(self, value: Any, to: int) -> None:
+        """`value` to rank `to`, which takes it with `receive`; returns once it is taken."""
+        torch.distributed.send_object_list([value], dst=to)
+
+    def receive(self, sender: int) -> Any:
+        """The next value rank `sender` sent to this rank."""
+        box: list[Any] = [None]
+        torch.distributed.recv_object_list(box, src=sender)
+        return box[0]
+
+    def share(self, items: int) -> range:
+        """This rank's contiguous share of `items` (the calibration windows): rank r holds
+        [r n / N, (r + 1) n / N), so rank order is window order."""
+        return range(self.index * items // self.count, (self.index + 1) * items // self.count)
 
     def barrier(self) -> None:
         if self.count > 1:

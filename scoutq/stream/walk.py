@@ -23,6 +23,10 @@ routing. Arithmetic is fp32 throughout (bf16 matmuls are very slow on CPUs witho
 With a paired client a reference stream runs beside the main one through the source weights,
 routing by its own router; every input the client is shown comes with the same tokens in the
 reference stream.
+
+Each sequence of the batch is a window (hooks.Windows), and everything its hidden states depend
+on is computed one window at a time, so a window's values are the same whichever other windows
+walk beside it: processes that carry different windows reproduce one process's bytes.
 """
 
 from __future__ import annotations
@@ -38,14 +42,12 @@ from torch import nn
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import ScoutqError
 from scoutq.model.llama4 import Attention, rms_normalize, rope_angles
-from scoutq.model.moe import ExpertGroups, route, swiglu_intermediate
-from scoutq.stream.hooks import ExpertInput, ModuleInput, StreamClient, Weights
+from scoutq.model.moe import swiglu_intermediate
+from scoutq.stream.hooks import ModuleInput, MoeInputs, StreamClient, Weights, Windows
 from scoutq.stream.weights import DenseWeights
 
 EMBED_READ_WHOLE_BYTES = 256 * 1024 * 1024  # smaller embeddings are read whole, larger row by row
 HEAD_ROW_BLOCK = 8192  # lm_head rows per block: bounds the [tokens, block] logits
-REFERENCE_TOKEN_BLOCK = 4096  # tokens per block of the reference SwiGLU (its widest activation)
-SEQUENCES_PER_BATCH = 4  # attention runs this many sequences at once (bounds its [T, T] scores)
 
 
 @dataclass
@@ -130,68 +132,72 @@ class LayerStream:
         steps = 2 + (self.config.num_local_experts if moe else 0)
         self.client.progress("attention", 0, steps)
 
-        attended, attended_r = self._attention(index, x, xr)
-        h = x + attended
-        hr = None if xr is None or attended_r is None else xr + attended_r
+        windows = Windows.uniform(x.shape[0], x.shape[1])  # every sequence is a window of its own
+        rows, rows_r = x.reshape(-1, x.shape[-1]), None if xr is None else xr.reshape(-1, x.shape[-1])
+        attended, attended_r = self._attention(index, rows, rows_r, windows, x.shape[1])
+        h = rows + attended
+        hr = None if rows_r is None or attended_r is None else rows_r + attended_r
         self.client.progress("attention", 1, steps)
 
         post_norm = self.layout.layer_key(index, "post_attention_layernorm.weight")
-        normed = self._norm(h, post_norm).reshape(-1, h.shape[-1])
-        normed_r = None if hr is None else self._norm(hr, post_norm).reshape(normed.shape)
+        normed = windows.map(lambda v: self._norm(v, post_norm), h)
+        normed_r = None if hr is None else windows.map(lambda v: self._norm(v, post_norm), hr)
         if moe:
-            out, out_r = self._moe(index, normed, normed_r, steps)
+            out, out_r = self._moe(index, normed, normed_r, windows, steps)
         else:
-            out, out_r = self._mlp(index, "feed_forward", normed, normed_r)
+            out, out_r = self._mlp(index, "feed_forward", normed, normed_r, windows)
         self.client.progress("done", steps, steps)
-        return Hidden(h + out.view_as(h), None if hr is None or out_r is None else hr + out_r.view_as(hr))
+        return Hidden((h + out).view_as(x), None if hr is None or out_r is None else (hr + out_r).view_as(x))
 
     def _attention(
-        self, index: int, x: torch.Tensor, xr: torch.Tensor | None
+        self, index: int, x: torch.Tensor, xr: torch.Tensor | None, windows: Windows, length: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention's output for both streams (the reference one through the source weights)."""
+        """Attention's output rows for both streams (the reference one through the source weights)."""
         key = partial(self.layout.layer_key, index)
-        normed = self._norm(x, key("input_layernorm.weight"))
-        normed_r = None if xr is None else self._norm(xr, key("input_layernorm.weight"))
+        normed = windows.map(lambda v: self._norm(v, key("input_layernorm.weight")), x)
+        normed_r = None if xr is None else windows.map(lambda v: self._norm(v, key("input_layernorm.weight")), xr)
         names = tuple(key(f"self_attn.{p}_proj") for p in "qkvo")
         biases = [self.weights.tensor(f"{n}.bias") for n in names] if self.config.attention_bias else [None] * 4
 
         source_qkv = tuple(self.weights.linear(n) for n in names[:3])
-        qkv = self.client.linears(names[:3], source_qkv, ModuleInput(normed, normed_r))
-        o_input = self._attention_core(index, qkv, biases, normed)
-        o_input_r = None if normed_r is None else self._attention_core(index, source_qkv, biases, normed_r)
+        qkv = self.client.linears(names[:3], source_qkv, ModuleInput(normed, normed_r, windows=windows))
+        o_input = self._attention_core(index, qkv, biases, normed, windows, length)
+        o_input_r = None if normed_r is None else self._attention_core(index, source_qkv, biases, normed_r, windows,
+                                                                       length)
         del qkv, source_qkv
 
         source_o = self.weights.linear(names[3])
-        (o,) = self.client.linears(names[3:], (source_o,), ModuleInput(o_input, o_input_r, writes_residual_before=index))
-        out_r = None if o_input_r is None else F.linear(o_input_r, source_o, biases[3])
-        return F.linear(o_input, o, biases[3]), out_r
+        inputs = ModuleInput(o_input, o_input_r, writes_residual_before=index, windows=windows)
+        (o,) = self.client.linears(names[3:], (source_o,), inputs)
+        out_r = None if o_input_r is None else windows.map(lambda v: F.linear(v, source_o, biases[3]), o_input_r)
+        return windows.map(lambda v: F.linear(v, o, biases[3]), o_input), out_r
 
     def _attention_core(
-        self, index: int, qkv: Weights, biases: list[torch.Tensor | None], normed: torch.Tensor
+        self, index: int, qkv: Weights, biases: list[torch.Tensor | None], normed: torch.Tensor, windows: Windows,
+        length: int,
     ) -> torch.Tensor:
-        """llama4.Attention up to o_proj's input, SEQUENCES_PER_BATCH sequences at a time."""
+        """llama4.Attention up to o_proj's input, one window (sequence) at a time."""
         with torch.device("meta"):
             attention = Attention(self.config, index)
         attention.o_proj = nn.Identity()
         state = {f"{p}_proj.weight": w for p, w in zip("qkv", qkv, strict=True)}
         state |= {f"{p}_proj.bias": b for p, b in zip("qkv", biases, strict=False) if b is not None}
         attention.load_state_dict(state, assign=True, strict=True)
-        positions = torch.arange(normed.shape[1], device=normed.device)
+        positions = torch.arange(length, device=normed.device)
         rope = rope_angles(positions, self.config.head_dim, self.config.rope)
-        step = SEQUENCES_PER_BATCH
         with torch.inference_mode():
-            return torch.cat([attention(normed[s : s + step], positions, rope) for s in range(0, normed.shape[0], step)])
+            return windows.map(lambda v: attention(v.view(1, length, -1), positions, rope).view(length, -1), normed)
 
     def _mlp(
-        self, layer: int, module: str, x: torch.Tensor, xr: torch.Tensor | None
+        self, layer: int, module: str, x: torch.Tensor, xr: torch.Tensor | None, windows: Windows
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A SwiGLU block (the shared expert, a dense layer's MLP) for both streams."""
         names = tuple(self.layout.layer_key(layer, f"{module}.{p}_proj") for p in ("gate", "up", "down"))
         source = tuple(self.weights.linear(n) for n in names)
-        inputs = ModuleInput(x, xr, writes_residual_before=layer + 1)
+        inputs = ModuleInput(x, xr, writes_residual_before=layer + 1, windows=windows)
         gate, up, down = self.client.mlp(names, source, inputs)  # type: ignore[arg-type]
-        out = inputs.swiglu(gate, up) @ down.t()
-        out_r = None if xr is None else _blocked_swiglu(xr, *source)
+        out = windows.map(lambda v: v @ down.t(), inputs.swiglu(gate, up))
+        out_r = None if xr is None else windows.map(partial(_swiglu, weights=source), xr)
         return out, out_r
 
     def expert_names(self, layer: int, expert: int) -> tuple[str, str, str]:
@@ -200,45 +206,32 @@ class LayerStream:
         return tuple(key(layer, f"feed_forward.experts.{expert}.{p}_proj") for p in ("gate", "up", "down"))  # type: ignore[return-value]
 
     def _moe(
-        self, index: int, x: torch.Tensor, xr: torch.Tensor | None, steps: int
+        self, index: int, x: torch.Tensor, xr: torch.Tensor | None, windows: Windows, steps: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Router (full precision, always), shared expert, then each routed expert in turn."""
         config = self.config
         router = self.weights.tensor(self.layout.layer_key(index, "feed_forward.router.weight"))
-        logits = F.linear(x, router)
-        scores, chosen = route(logits, config.num_experts_per_tok)
-        self.client.routing(index, chosen)
-        groups = ExpertGroups.of(scores, chosen, config.num_local_experts)
-        logits_r = groups_r = None
-        if xr is not None:  # the reference stream routes by its own router logits
-            logits_r = F.linear(xr, router)
-            groups_r = ExpertGroups.of(*route(logits_r, config.num_experts_per_tok), config.num_local_experts)
-        out, out_r = self._mlp(index, "feed_forward.shared_expert", x, xr)
+        logits = windows.map(lambda v: F.linear(v, router), x)
+        logits_r = None if xr is None else windows.map(lambda v: F.linear(v, router), xr)
+        moe = MoeInputs.route(index, x, windows, logits, config.num_experts_per_tok, xr, logits_r)
+        self.client.routing(index, moe.chosen)
+        out, out_r = self._mlp(index, "feed_forward.shared_expert", x, xr, windows)
 
-        def expert_input(expert: int) -> ExpertInput:
-            tokens, token_scores = groups.expert(expert)
-            return ExpertInput(x[tokens] * token_scores[:, None], None, index + 1, layer=index, expert=expert,
-                               tokens=tokens, layer_input=x, logits=logits, reference_layer_input=xr,
-                               reference_logits=logits_r)
-
-        self.client.before_experts(index, expert_input)
+        self.client.before_experts(moe)
         for expert in range(config.num_local_experts):
             self.client.progress(f"expert {expert}", 2 + expert, steps)
             source = self.weights.expert(index, expert)  # one expert resident
-            inputs = expert_input(expert)
+            inputs = moe.expert(expert)
             gate, up, down = self.client.expert(self.expert_names(index, expert), source, inputs)  # type: ignore[arg-type]
-            out.index_add_(0, inputs.tokens, inputs.swiglu(gate, up) @ down.t())
-            if groups_r is not None and out_r is not None and xr is not None:
-                tokens_r, scores_r = groups_r.expert(expert)
-                out_r.index_add_(0, tokens_r, _blocked_swiglu(xr[tokens_r] * scores_r[:, None], *source))
+            out.index_add_(0, inputs.tokens, inputs.windows.map(partial(torch.matmul, other=down.t()),
+                                                                inputs.swiglu(gate, up)))
+            if out_r is not None and moe.reference is not None:
+                tokens_r, rows_r, windows_r = moe.reference_routed(expert)
+                out_r.index_add_(0, tokens_r, windows_r.map(partial(_swiglu, weights=source), rows_r))
         return out, out_r
 
 
-def _blocked_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate x) * up x) a block of tokens at a time: the reference stream's SwiGLU, whose
-    [tokens, intermediate] activation is the widest of the walk."""
-    out = torch.empty(x.shape[0], down.shape[0], device=x.device)
-    for start in range(0, x.shape[0], REFERENCE_TOKEN_BLOCK):
-        out[start : start + REFERENCE_TOKEN_BLOCK] = swiglu_intermediate(x[start : start + REFERENCE_TOKEN_BLOCK],
-                                                                        gate, up) @ down.t()
-    return out
+def _swiglu(x: torch.Tensor, weights: Weights) -> torch.Tensor:
+    """down(silu(gate x) * up x) of one window's rows: the reference stream's SwiGLU."""
+    gate, up, down = weights
+    return swiglu_intermediate(x, gate, up) @ down.t()

@@ -22,7 +22,7 @@ from helpers.models import resident_trace
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.model.load import load_model
 from scoutq.model.moe import ExpertGroups, dispatch, route
-from scoutq.stream.hooks import ExpertInput, ModuleInput, StreamClient, Weights
+from scoutq.stream.hooks import ExpertInput, ModuleInput, StreamClient, Weights, Windows
 from scoutq.stream.walk import Hidden, LayerStream
 
 
@@ -173,3 +173,36 @@ def test_expert_groups_are_dispatchs_grouping() -> None:
         tokens, gates = groups.expert(expert)
         expected.index_add_(0, tokens, (x[tokens] * gates[:, None]) @ weights[expert].t())
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_a_windows_hidden_states_do_not_depend_on_the_windows_beside_it(tiny_checkpoint: Path,
+                                                                         paired: bool) -> None:
+    """The property multi-process calibration rests on: windows 2..4 walked alone give the same
+    bits as walked among 0..7 (every rank carries a different slice of the windows)."""
+    checkpoint = Checkpoint.open(tiny_checkpoint)
+    tokens = _windows(checkpoint, count=8, length=24, seed=3)
+    client = StreamClient()
+    client.paired = paired
+    results = []
+    for part in (tokens, tokens[2:5]):
+        stream = LayerStream(checkpoint, client)
+        hidden = stream.start(part)
+        for layer in range(checkpoint.config.num_hidden_layers):
+            hidden = stream.layer(layer, hidden)
+        results.append(hidden)
+    whole, alone = results
+    assert torch.equal(whole.main[2:5], alone.main)
+    if paired:
+        assert whole.reference is not None and alone.reference is not None
+        assert torch.equal(whole.reference[2:5], alone.reference)
+
+
+def test_windows_split_map_and_select() -> None:
+    windows = Windows((3, 0, 2))
+    x = torch.arange(10.0).view(5, 2)
+    assert [part.shape[0] for part in windows.split(x)] == [3, 0, 2]
+    assert torch.equal(windows.map(lambda rows: rows * 2, x), x * 2)
+    assert windows.select(torch.tensor([0, 2, 4])) == Windows((2, 0, 1))
+    assert Windows.joined([Windows((1,)), Windows((2, 3))]) == Windows((1, 2, 3))
+    assert Windows(()).map(lambda rows: rows + 1, torch.zeros(0, 2)).shape == (0, 2)
