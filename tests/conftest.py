@@ -11,6 +11,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 # Trained fixtures take minutes to build; keep them across runs (make clean removes them).
 CACHE = Path(os.environ.get("SCOUTQ_TEST_CACHE", REPO / ".cache" / "scoutq"))
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter. The switch must be set
+# before triton is first imported (triton.language wraps its own helpers at import), so here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

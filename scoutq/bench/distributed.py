@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from scoutq.bench._fixtures import scout_layers, scoutq_command, walk_arguments
+from scoutq.checkpoint.reader import Checkpoint
 
 SCOUT_LAYERS = 48
 
@@ -60,6 +61,7 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = walk_arguments(__doc__, layers=2, samples=32, recipe="w4a16-g128-gptq")
     parser.add_argument("--ranks", type=int, action="append", help="rank counts to run (default 1 and 2)")
+    parser.add_argument("--source", type=Path, help="walk this checkpoint instead of the scout-layers fixture")
     parser.add_argument("--threads", type=int, help="threads per rank (default: cores / the largest rank count)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // max(counts))
     args.dir.mkdir(parents=True, exist_ok=True)
     scoutq = scoutq_command()
-    source = scout_layers(scoutq, args.dir, args.layers)
+    source = args.source or scout_layers(scoutq, args.dir, args.layers)
+    layers = Checkpoint.open(source).config.num_hidden_layers
     rows = [_run(scoutq, source, args.dir / f"{source.name}-{args.recipe}-ranks{n}", args, n)
             for n in counts]
     base = float(rows[0]["seconds"])  # type: ignore[arg-type]
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'48 layers, h':>13s}  sha256")
     for row in rows:
         seconds = float(row["seconds"])  # type: ignore[arg-type]
-        projected = seconds / args.layers * SCOUT_LAYERS / 3600
+        projected = seconds / layers * SCOUT_LAYERS / 3600
         row |= {"speed_up": round(base / seconds, 2), "projected_48_layers_hours": round(projected, 1)}
         per_rank = " ".join(f"{gb:.2f}" for gb in row["peak_rss_gb_per_rank"])  # type: ignore[attr-defined]
         print(f"{row['ranks']!s:>5s} {seconds:9.1f} {row['speed_up']!s:>9s} {per_rank:>22s} "

@@ -1,10 +1,13 @@
 """Kernel and MoE-layer timings at real Scout shapes, against dense bf16 and fp32.
 
 `scoutq bench kernels`: one expert projection, W [8192, 5120] (Scout's expert width x hidden),
-for 1, 4, 16 and 64 tokens: fp32 `mm` (W.T contiguous, MKL's best layout), bf16 `F.linear`,
-scoutq's int8 and int4 (g128) CPU kernels, and bitsandbytes nf4 / int8 when installed.
+for 1, 4, 16, 64, 256 and 1,024 tokens: fp32 `mm` (W.T contiguous, MKL's best layout), bf16
+`F.linear`, scoutq's int8 and int4 (g128) CPU kernels as the cpu backend dispatches them (the
+method column says which ran), and bitsandbytes nf4 / int8 when installed.
 `scoutq bench moe`: one MoE layer (16 experts top-1 + shared expert, hidden 5120) in bf16,
-int8 and int4, uniform random routing.
+int8 and int4, uniform random routing, at the same token counts.
+`scoutq bench crossover`: the packed kernel against the tile path (tiles.py) on the same
+weight, 1 to 128 tokens: the measurement behind cpu.TILES_FROM_TOKENS.
 
 Reported per row: median time, speed relative to bf16, and effective weight bandwidth (bytes
 of weights the step must read / time) as a fraction of a memory read bandwidth measured in
@@ -25,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +39,8 @@ from scoutq.quant.rtn import rtn_quantize
 from scoutq.quant.scheme import Scheme
 
 HIDDEN, EXPERT_WIDTH, EXPERTS = 5120, 8192, 16
-TOKENS = (1, 4, 16, 64)
+TOKENS = (1, 4, 16, 64, 256, 1024)
+CROSSOVER_TOKENS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 ROTATE_BYTES = 256 * 1024 * 1024  # several times any CPU's last-level cache
 
 
@@ -48,6 +53,13 @@ class Row:
     speedup_vs_bf16: float
     weight_gb_s: float
     fraction_of_read_bw: float
+    method: str = ""
+
+
+def method_of(kernel: object, tokens: int) -> str:
+    """Which kernel a prepared weight runs for `tokens` rows (cpu.TokenDispatch decides by count)."""
+    method = getattr(kernel, "method", None)
+    return method(tokens) if callable(method) else type(kernel).__name__
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
@@ -80,15 +92,21 @@ def _packed_bytes(scheme: Scheme, out_features: int, in_features: int) -> int:
 
 def _rotating(kernel: Callable[[torch.Tensor], torch.Tensor], nbytes: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Call copies of `kernel` (its tensors cloned) in turn, ROTATE_BYTES of weights in all."""
-    copies = [kernel]
-    for _ in range(math.ceil(ROTATE_BYTES / nbytes) - 1):
-        clone = copy.copy(kernel)
-        for name, value in vars(kernel).items():
+    def cloned(obj: object) -> object:  # tensors cloned, also those of the kernels a dispatcher holds
+        clone = copy.copy(obj)
+        for name, value in vars(obj).items():
             if isinstance(value, torch.Tensor):
                 setattr(clone, name, value.clone())
-        copies.append(clone)
+            elif hasattr(value, "__dict__") and hasattr(value, "in_features"):
+                setattr(clone, name, cloned(value))
+        return clone
+
+    copies = [kernel] + [cloned(kernel) for _ in range(math.ceil(ROTATE_BYTES / nbytes) - 1)]
     turn = itertools.cycle(copies)
     return lambda x: next(turn)(x)
+
+
+Variant = tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype, int, Callable[[int], str]]
 
 
 def kernel_rows(with_bnb: bool = True) -> list[Row]:
@@ -96,17 +114,20 @@ def kernel_rows(with_bnb: bool = True) -> list[Row]:
     w = _weight(EXPERT_WIDTH, HIDDEN, 0)
     fp32_copies = itertools.cycle([w.float().t().contiguous() for _ in range(math.ceil(ROTATE_BYTES / (w.numel() * 4)))])
     bf16_copies = itertools.cycle([w.clone() for _ in range(math.ceil(ROTATE_BYTES / (w.numel() * 2)))])
-    variants: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype, int]] = {
-        "fp32 mm": (lambda x: x @ next(fp32_copies), torch.float32, w.numel() * 4),
-        "bf16 linear": (lambda x: F.linear(x, next(bf16_copies)), torch.bfloat16, w.numel() * 2),
+    variants: dict[str, Variant] = {
+        "fp32 mm": (lambda x: x @ next(fp32_copies), torch.float32, w.numel() * 4, lambda t: "MKL sgemm"),
+        "bf16 linear": (lambda x: F.linear(x, next(bf16_copies)), torch.bfloat16, w.numel() * 2,
+                        lambda t: "F.linear bf16"),
     }
     for scheme in (Scheme(8, None), Scheme(4, 128)):
         packed = rtn_quantize(w, scheme)
         nbytes = _packed_bytes(scheme, *w.shape)
         name = f"int{scheme.bits} " + ("g128" if scheme.group_size else "channel")
-        variants[name] = (_rotating(prepare(packed, Backend.CPU), nbytes), torch.bfloat16, nbytes)
+        kernel = prepare(packed, Backend.CPU)
+        variants[name] = (_rotating(kernel, nbytes), torch.bfloat16, nbytes, lambda t, k=kernel: method_of(k, t))
         if scheme.bits == 4 and native.library() is not None:
-            variants[f"{name} torch"] = (_rotating(Int4CpuMatmul(packed), nbytes), torch.bfloat16, nbytes)
+            variants[f"{name} torch"] = (_rotating(Int4CpuMatmul(packed), nbytes), torch.bfloat16, nbytes,
+                                         lambda t: "Int4CpuMatmul")
         if with_bnb:
             try:
                 bnb_kernel = prepare(packed, Backend.BNB)
@@ -114,22 +135,57 @@ def kernel_rows(with_bnb: bool = True) -> list[Row]:
                 continue
             name = "bnb nf4" if scheme.bits == 4 else "bnb int8"
             nbytes = w.numel() // 2 + w.numel() // 64 * 4 if scheme.bits == 4 else w.numel() + w.shape[0] * 4
-            variants[name] = (bnb_kernel, torch.bfloat16 if scheme.bits == 4 else torch.float32, nbytes)
+            variants[name] = (bnb_kernel, torch.bfloat16 if scheme.bits == 4 else torch.float32, nbytes,
+                              lambda t, n=name: n)
     return _time_variants("kernels", variants, bandwidth)
 
 
-def _time_variants(bench: str, variants: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype, int]],
-                   bandwidth: float, bytes_for_tokens: Callable[[str, int], int] | None = None) -> list[Row]:
+def crossover_rows() -> tuple[list[Row], dict[int, int | None]]:
+    """The packed kernel and the tile path on one expert projection at CROSSOVER_TOKENS, per
+    bits; returns the rows and, per bits, the smallest token count from which the tile path is
+    faster at every larger count measured (None: never)."""
+    from scoutq.kernels.cpu import TokenDispatch
+
+    bandwidth = read_bandwidth()
+    w = _weight(EXPERT_WIDTH, HIDDEN, 0)
+    rows: list[Row] = []
+    crossover: dict[int, int | None] = {}
+    for scheme in (Scheme(8, None), Scheme(4, 128)):
+        kernel = prepare(rtn_quantize(w, scheme), Backend.CPU)
+        if not isinstance(kernel, TokenDispatch):
+            crossover[scheme.bits] = None
+            continue
+        nbytes = _packed_bytes(scheme, *w.shape)
+        few, many = _rotating(kernel.few, nbytes), _rotating(kernel.many, nbytes)
+        faster = {}
+        for tokens in CROSSOVER_TOKENS:
+            x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+            packed_s, tiles_s = median_seconds(partial(few, x)), median_seconds(partial(many, x))
+            faster[tokens] = tiles_s < packed_s
+            for method, seconds in ((type(kernel.few).__name__, packed_s), ("tiles", tiles_s)):
+                rows.append(Row("crossover", f"int{scheme.bits}", tokens, round(seconds * 1e3, 3),
+                                round(packed_s / seconds, 2), round(nbytes / seconds / 1e9, 2),
+                                round(nbytes / seconds / bandwidth, 3), method))
+        counts = list(CROSSOVER_TOKENS)
+        crossover[scheme.bits] = next((t for i, t in enumerate(counts) if all(faster[u] for u in counts[i:])), None)
+    return rows, crossover
+
+
+def _time_variants(bench: str, variants: dict[str, Variant], bandwidth: float,
+                   bytes_for_tokens: Callable[[str, int], int] | None = None) -> list[Row]:
     rows: list[Row] = []
     for tokens in TOKENS:
         timings = {}
-        for name, (fn, dtype, nbytes) in variants.items():
+        repeats = 7 if tokens <= 64 else 3  # a bf16 step at 1,024 tokens takes seconds here
+        for name, (fn, dtype, nbytes, _) in variants.items():
             x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens)).to(dtype)
-            timings[name] = (median_seconds(lambda: fn(x)), bytes_for_tokens(name, tokens) if bytes_for_tokens else nbytes)
+            timings[name] = (median_seconds(partial(fn, x), repeats=repeats, warmup=1 if tokens > 64 else 2),
+                             bytes_for_tokens(name, tokens) if bytes_for_tokens else nbytes)
         bf16 = next(seconds for name, (seconds, _) in timings.items() if name.startswith("bf16"))
         for name, (seconds, nbytes) in timings.items():
             rows.append(Row(bench, name, tokens, round(seconds * 1e3, 3), round(bf16 / seconds, 2),
-                            round(nbytes / seconds / 1e9, 2), round(nbytes / seconds / bandwidth, 3)))
+                            round(nbytes / seconds / 1e9, 2), round(nbytes / seconds / bandwidth, 3),
+                            variants[name][3](tokens)))
     return rows
 
 
@@ -172,7 +228,16 @@ def moe_rows() -> list[Row]:
         active = EXPERTS * (1 - (1 - 1 / EXPERTS) ** tokens) + 1
         return int(active * expert_bytes * layers[name][1])
 
-    variants = {name: (lambda x, m=module: m(x), torch.bfloat16, 0) for name, (module, _) in layers.items()}
+    def method(layer: MoE, tokens: int) -> str:
+        """The kernels of the shared expert (all tokens) and of a routed expert (about 1/16 of them)."""
+        shared = layer.shared_expert.gate_proj
+        if not isinstance(shared, QuantLinear):
+            return "F.linear bf16"
+        routed = method_of(layer.experts.gate_up[0], max(1, round(tokens / EXPERTS)))  # type: ignore[union-attr]
+        return f"shared {method_of(shared.matmul, tokens)}; routed {routed}"
+
+    variants: dict[str, Variant] = {name: (lambda x, m=module: m(x), torch.bfloat16, 0,
+                                           lambda t, m=module: method(m, t)) for name, (module, _) in layers.items()}
     with torch.no_grad():
         return _time_variants("moe", variants, bandwidth, step_bytes)
 

@@ -15,16 +15,19 @@ EXAMPLES = """Examples:
   scoutq bench kernels
 
   scoutq bench moe --json > moe.json
+
+  scoutq bench crossover
 """
 
 
-def _render(title: str, rows: list[dict[str, object]], json: bool) -> None:
+def _render(title: str, rows: list[dict[str, object]], json: bool, ratio: str = "x bf16") -> None:
     if json:
         result_json(rows)
         return
-    table(title, ["variant", "tokens", "ms", "x bf16", "weight GB/s", "of read BW"],
+    table(title, ["variant", "tokens", "ms", ratio, "weight GB/s", "of read BW", "method"],
           [[str(r["variant"]), str(r["tokens"]), f"{r['ms']:.3f}", f"{r['speedup_vs_bf16']:.2f}",
-            f"{r['weight_gb_s']:.2f}", f"{float(r['fraction_of_read_bw']):.0%}"] for r in rows])  # type: ignore[arg-type]
+            f"{r['weight_gb_s']:.2f}", f"{float(r['fraction_of_read_bw']):.0%}", str(r["method"])]  # type: ignore[arg-type]
+           for r in rows])
 
 
 @app.command("kernels", epilog=EXAMPLES)
@@ -32,7 +35,7 @@ def kernels(
     bnb: Annotated[bool, typer.Option(help="Include bitsandbytes nf4 / int8 when installed.")] = True,
     json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
 ) -> None:
-    """One expert projection [8192 x 5120]: fp32, bf16, int8, int4 (and bitsandbytes), 1-64 tokens."""
+    """One expert projection [8192 x 5120]: fp32, bf16, int8, int4 (and bitsandbytes), 1-1,024 tokens."""
     from scoutq.bench.kernels import as_dicts, kernel_rows
     from scoutq.kernels import native
 
@@ -43,9 +46,28 @@ def kernels(
 
 @app.command("moe", epilog=EXAMPLES)
 def moe(json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False) -> None:
-    """One Scout MoE layer (16 experts top-1 + shared expert): bf16, int8, int4, 1-64 tokens."""
+    """One Scout MoE layer (16 experts top-1 + shared expert): bf16, int8, int4, 1-1,024 tokens."""
     from scoutq.bench.kernels import as_dicts, moe_rows
 
     with console.status("timing a Scout MoE layer"):
         rows = as_dicts(moe_rows())
     _render("MoE layer step, hidden 5120, 16 experts top-1 + shared", rows, json)
+
+
+@app.command("crossover", epilog=EXAMPLES)
+def crossover(json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False) -> None:
+    """Packed kernel against dequantized tiles on one expert projection, 1-128 tokens: where the cpu
+    backend switches (cpu.TILES_FROM_TOKENS)."""
+    from scoutq.bench.kernels import as_dicts, crossover_rows
+    from scoutq.kernels import cpu, tiles
+
+    with console.status("timing the packed kernels against the tile path"):
+        rows, found = crossover_rows()
+    if json:
+        result_json({"rows": as_dicts(rows), "crossover": found, "in_use": cpu.TILES_FROM_TOKENS})
+        return
+    _render(f"Packed kernel vs dequantized tiles, W [8192, 5120]; tile kernel: {tiles.status()}", as_dicts(rows),
+            False, ratio="x packed")
+    for bits, tokens in found.items():
+        console.print(f"int{bits}: tiles faster from {tokens} tokens on (in use: {cpu.TILES_FROM_TOKENS[bits]})"
+                      if tokens is not None else f"int{bits}: tiles never faster in 1-128 tokens")

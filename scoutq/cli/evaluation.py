@@ -43,7 +43,7 @@ def eval_command(
     json: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here ('-' for stdout).")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report here.")] = None,
     plots: Annotated[Path | None, typer.Option(help="Write PNG heatmaps and the routing histogram into this folder.")] = None,
-    backend: Annotated[str | None, typer.Option(help="Kernel backend for quantized weights: reference, cpu, bnb.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Kernel backend for quantized weights: reference, cpu, bnb, cuda (default: cuda on GPUs, cpu on CPUs).")] = None,
     dtype: Annotated[str, typer.Option(help="Compute dtype: fp32 (exact comparisons) or bf16 (faster).")] = "fp32",
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 8,
     layer_walk: Annotated[bool, typer.Option(
@@ -104,12 +104,14 @@ def eval_command(
             errors = error_tables(model, reference, windows, device=chosen_device)
         if latency:
             from scoutq.evaluate.latency import measure_latency
+            from scoutq.model.quantized import kernels_used
 
             # Speed is measured as the runtime is used: bf16 activations, whatever --dtype the
             # quality comparison ran in (the packed CPU kernels are 5-30x slower in fp32).
             del candidate
             runtime = load_model(model, device=chosen_device, dtype=torch.bfloat16, backend=backend)
             latency_report = measure_latency(runtime, runtime.config.vocab_size).to_json()
+            latency_report["kernels"] = kernels_used(runtime)  # which kernels ran, with their calls
     environment = {"scoutq": _version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "device": str(chosen_device), "dtype": "fp32" if layer_walk else dtype,
                    "backend": "layer-walk (dequantized, fp32)" if layer_walk else backend or "default"}

@@ -25,7 +25,7 @@ def run(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (bf16 source or scoutq-quantized).")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.", min=1)] = 32,
-    backend: Annotated[str | None, typer.Option(help="Kernel backend for quantized weights: reference, cpu, bnb.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Kernel backend for quantized weights: reference, cpu, bnb, cuda (default: cpu on the CPU).")] = None,
     dtype: Annotated[str, typer.Option(help="Activation dtype: bf16 or fp32.")] = "bf16",
     json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
@@ -33,7 +33,9 @@ def run(
     from tokenizers import Tokenizer
 
     from scoutq.model.generate import greedy_generate
+    from scoutq.evaluate.report import kernel_line
     from scoutq.model.load import load_model
+    from scoutq.model.quantized import kernels_used
 
     if dtype not in DTYPES:
         raise ScoutqError(f"--dtype {dtype!r}: choose bf16 or fp32")
@@ -53,7 +55,7 @@ def run(
     report = {"prompt": prompt, "completion": text, "prompt_tokens": result.prompt_tokens,
               "generated_tokens": len(result.tokens), "prefill_tokens_per_second": round(result.prefill_tokens_per_second, 1),
               "decode_tokens_per_second": round(result.decode_tokens_per_second, 1),
-              "backend": backend or "default", "dtype": dtype}
+              "backend": backend or "default", "dtype": dtype, "kernels": kernels_used(model)}
     if json:
         result_json(report)
         return
@@ -61,3 +63,5 @@ def run(
     console.print(f"prefill {result.prompt_tokens} tokens: {report['prefill_tokens_per_second']} tok/s; "
                   f"decode {len(result.tokens)} tokens: {report['decode_tokens_per_second']} tok/s "
                   f"({dtype}, backend {report['backend']})")
+    if report["kernels"]:
+        console.print(f"kernels (calls): {kernel_line(report['kernels'])}")

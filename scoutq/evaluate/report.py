@@ -151,6 +151,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("time to first token", f"{1000 * latency['time_to_first_token_s']:.1f} ms"))
         for batch, figures in latency["decode"].items():
             rows.append((f"decode, batch {batch}", f"{figures['tokens_per_s']:.1f} tok/s ({figures['ms_per_step']:.2f} ms/step)"))
+        if latency.get("kernels"):
+            rows.append(("kernels (calls)", kernel_line(latency["kernels"])))
         rows.append(("weights", f"{latency['weight_bytes'] / 1e6:.2f} MB"))
         rows.append(("peak RSS", f"{latency['peak_rss_bytes'] / 1e9:.3f} GB"))
         if latency.get("gpu_peak_bytes"):
@@ -195,3 +197,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", (f"scoutq {environment['scoutq']}, torch {environment['torch']}, {environment['device']}, "
               f"{environment['threads']} threads, {environment['dtype']}, backend {environment['backend']}."), ""]
     return "\n".join(lines)
+
+
+def kernel_line(calls: dict[str, int]) -> str:
+    """'tiles 120, Int4CpuMatmul 3,400': the kernels that ran and how often."""
+    return ", ".join(f"{name} {count:,}" for name, count in calls.items())

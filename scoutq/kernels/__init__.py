@@ -8,6 +8,10 @@ Backends (str-enum `Backend`):
     fed bf16 activations (with fp32 activations both take a path 5-30x slower; field-notes F).
   * bnb: bitsandbytes' 4-bit (nf4) / 8-bit matmuls, re-quantized from the dequantized weight:
     a different format, offered as the alternative users know, so its tolerance is looser.
+  * cuda: GPUs. Routed experts run in one grouped Triton kernel per projection (triton_moe.py,
+    dequantization fused, fp32 accumulation); other quantized Linears on the same kernel, except
+    int8 per-channel symmetric ones, which take PyTorch's `_weight_int8pack_mm`. Under
+    TRITON_INTERPRET=1 the same code runs on CPU tensors in Triton's interpreter (the tests).
 Each backend repacks a weight once (`prepare`), then multiplies many times.
 """
 
@@ -26,6 +30,7 @@ class Backend(StrEnum):
     REFERENCE = "reference"
     CPU = "cpu"
     BNB = "bnb"
+    CUDA = "cuda"
 
 
 class QuantMatmul(Protocol):
@@ -38,7 +43,7 @@ class QuantMatmul(Protocol):
 
 
 def default_backend(device: torch.device | str) -> Backend:
-    return Backend.CPU if torch.device(device).type == "cpu" else Backend.REFERENCE
+    return Backend.CPU if torch.device(device).type == "cpu" else Backend.CUDA
 
 
 def prepare(weight: PackedWeight, backend: Backend, device: torch.device | str = "cpu") -> QuantMatmul:
@@ -57,4 +62,8 @@ def prepare(weight: PackedWeight, backend: Backend, device: torch.device | str =
         from scoutq.kernels.bnb import BnbMatmul
 
         return BnbMatmul(weight, device)
+    if backend == Backend.CUDA:
+        from scoutq.kernels.cuda import cuda_matmul
+
+        return cuda_matmul(weight, device)
     raise ScoutqError(f"unknown backend {backend!r}; choose one of {', '.join(b.value for b in Backend)}")

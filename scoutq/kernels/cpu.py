@@ -11,13 +11,19 @@ Both kernels want bf16 activations; fp32 activations are cast in and the result 
 
 int4 weights whose groups are multiples of 64 go to scoutq's own kernel (native.py) where the
 CPU and compiler allow; PyTorch's int4 kernel is the fallback.
+
+Those packed kernels unpack every weight again for every few tokens, so their time grows with
+the token count. From a measured crossover on (TILES_FROM_TOKENS) a call goes instead to
+dequantized fp32 tiles feeding a GEMM (tiles.py), whose dequantization is paid once per call:
+`TokenDispatch` picks by the number of rows it is given, which for a routed expert is the
+number of tokens routed to it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from scoutq.kernels import native
+from scoutq.kernels import native, tiles
 from scoutq.kernels.reference import ReferenceMatmul
 from scoutq.quant.packed import PackedWeight
 
@@ -55,8 +61,43 @@ class Int8CpuMatmul:
         return y.to(x.dtype)
 
 
-def cpu_matmul(weight: PackedWeight) -> native.NativeInt4Matmul | Int4CpuMatmul | Int8CpuMatmul | ReferenceMatmul:
-    """The fastest CPU kernel for the weight's scheme (the reference where none applies)."""
+# From how many tokens (rows of x) the tile path is faster than the packed kernel, per bits.
+# Measured with `scoutq bench kernels` (its "crossover" rows: one Scout expert projection
+# W [8192, 5120], 2 threads, median of 7) on the 2-core AVX-512 (no BF16) development machine,
+# 2026-12-03: see TILES_MEASUREMENT below. Where the native AVX-512 BF16 kernel runs, its
+# own crossover is higher; `scoutq bench kernels` prints it for that machine.
+TILES_FROM_TOKENS = {4: 16, 8: 16}
+TILES_MEASUREMENT = "set from the crossover rows of `scoutq bench kernels`; see the module docstring"
+
+
+class TokenDispatch:
+    """The packed kernel for few tokens, the tile path from `tiles_from` tokens on."""
+
+    def __init__(self, few: native.NativeInt4Matmul | Int4CpuMatmul | Int8CpuMatmul, many: tiles.DequantTileMatmul,
+                 tiles_from: int):
+        self.few, self.many, self.tiles_from = few, many, tiles_from
+        self.out_features, self.in_features = few.out_features, few.in_features
+
+    def method(self, tokens: int) -> str:
+        """The kernel a call with `tokens` rows runs (for benchmarks and `scoutq run`)."""
+        return "tiles" if tokens >= self.tiles_from else type(self.few).__name__
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        return (self.many if rows >= self.tiles_from else self.few)(x)
+
+
+def cpu_matmul(weight: PackedWeight) -> TokenDispatch | native.NativeInt4Matmul | Int4CpuMatmul | Int8CpuMatmul | ReferenceMatmul:
+    """The fastest CPU kernels for the weight's scheme, dispatched by token count (the reference
+    where none applies)."""
+    few = packed_matmul(weight)
+    if isinstance(few, ReferenceMatmul) or not tiles.supports(weight) or tiles.library() is None:
+        return few
+    return TokenDispatch(few, tiles.DequantTileMatmul(weight), TILES_FROM_TOKENS[weight.scheme.bits])
+
+
+def packed_matmul(weight: PackedWeight) -> native.NativeInt4Matmul | Int4CpuMatmul | Int8CpuMatmul | ReferenceMatmul:
+    """The fastest packed (few-token) CPU kernel for the weight's scheme (the reference where none applies)."""
     scheme = weight.scheme
     if native.supports(weight) and native.library() is not None:
         return native.NativeInt4Matmul(weight)

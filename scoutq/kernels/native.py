@@ -44,11 +44,11 @@ CHUNK = 64  # inputs per packed run (int4_avx512.cpp); in_features and group siz
 _status = "not loaded yet"
 
 
-def build_directory() -> Path:
-    """Where the extension is built: the user's cache, one folder per Python and torch version."""
+def build_directory(name: str = NAME) -> Path:
+    """Where an extension is built: the user's cache, one folder per Python and torch version."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     abi = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
-    return Path(base) / "scoutq" / "torch_extensions" / abi / NAME
+    return Path(base) / "scoutq" / "torch_extensions" / abi / name
 
 
 def _cpu_problem() -> str | None:
@@ -74,23 +74,29 @@ def _toolchain_problem() -> str | None:
     return None
 
 
+def load_extension(name: str, source: Path, cflags: list[str]) -> None:
+    """Build (or reuse) the C++ source `source` as torch extension `name` and load it, which
+    registers its ops; raises if the build fails."""
+    from torch.utils import cpp_extension  # imports setuptools: only when a build is wanted
+
+    directory = build_directory(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    # torch's build lock outlives a build killed outright (SIGKILL, out of memory) and would make
+    # every later load wait forever; no build of one such file takes ten minutes.
+    with contextlib.suppress(FileNotFoundError):
+        lock = directory / "lock"
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+    cpp_extension.load(name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=LDFLAGS,
+                       build_directory=str(directory), is_python_module=False, verbose=False)
+
+
 @functools.cache
 def build() -> torch._ops.OpOverloadPacket:
     """Build (or reuse) and load the extension and return its op, whatever the CPU; raises if the
     build fails. The op itself refuses to run on a CPU without AVX-512 BF16. Cached: a torch
     op namespace can be registered only once per process."""
-    from torch.utils import cpp_extension  # imports setuptools: only when a build is wanted
-
-    directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    # torch's build lock outlives a build killed outright (SIGKILL, out of memory) and would make
-    # every later load wait forever; no build of this one file takes ten minutes.
-    with contextlib.suppress(FileNotFoundError):
-        lock = directory / "lock"
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            lock.unlink()
-    cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                       build_directory=str(directory), is_python_module=False, verbose=False)
+    load_extension(NAME, SOURCE, CFLAGS)
 
     @torch.library.register_fake("scoutq::int4_matmul")
     def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor | None,

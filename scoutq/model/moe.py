@@ -122,5 +122,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, D]
         scores, experts = route(self.router(x), self.top_k)
-        routed = dispatch(x, scores, experts, self.num_experts, self.experts.forward_expert)
+        grouped = getattr(self.experts, "grouped", None)  # all experts in one kernel launch (GPU backend)
+        if grouped is not None:
+            routed = grouped(x, scores, experts)
+        else:
+            routed = dispatch(x, scores, experts, self.num_experts, self.experts.forward_expert)
         return self.shared_expert(x) + routed

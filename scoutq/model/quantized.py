@@ -9,6 +9,8 @@ router, embeddings, unquantized Linears) is loaded as in the bf16 model.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,19 +19,30 @@ from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import CheckpointError
 from scoutq.kernels import Backend, QuantMatmul, prepare
 from scoutq.model.llama4 import Llama4ForCausalLM
+from scoutq.model.moe import ExpertGroups
 from scoutq.quant.ct_schema import QuantGroup, group_for, parse_quantization_config
 from scoutq.quant.packed import SUFFIXES, PackedWeight
 
 
+def method_of(matmul: object, rows: int) -> str:
+    """The kernel `matmul` runs for `rows` rows: a TokenDispatch (kernels/cpu.py) picks by the
+    count; any other prepared weight is one kernel, named by its class."""
+    method = getattr(matmul, "method", None)
+    return method(rows) if callable(method) else type(matmul).__name__
+
+
 class QuantLinear(nn.Module):
-    """y = x @ W.T for a packed W; any leading dims."""
+    """y = x @ W.T for a packed W; any leading dims. Counts the calls of each kernel it runs."""
 
     def __init__(self, matmul: QuantMatmul):
         super().__init__()
         self.matmul = matmul
+        self.calls: Counter[str] = Counter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x.reshape(-1, x.shape[-1]))
+        rows = x.reshape(-1, x.shape[-1])
+        self.calls[method_of(self.matmul, rows.shape[0])] += 1
+        y = self.matmul(rows)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
@@ -42,10 +55,38 @@ class QuantExperts(nn.Module):
     def __init__(self, gate_up: list[QuantMatmul], down: list[QuantMatmul]):
         super().__init__()
         self.gate_up, self.down = gate_up, down
+        self.calls: Counter[str] = Counter()
 
     def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        self.calls[method_of(self.gate_up[expert], x.shape[0])] += 2  # gate_up, then down, on the same rows
         gate, up = self.gate_up[expert](x).chunk(2, dim=-1)
         return self.down[expert](F.silu(gate) * up)
+
+
+class GroupedExperts(nn.Module):
+    """A layer's routed experts run together by the grouped GPU kernel (kernels/triton_moe.py):
+    MoE.forward calls `grouped` instead of dispatching expert by expert."""
+
+    def __init__(self, gate_up: list[PackedWeight], down: list[PackedWeight], device: str | torch.device):
+        super().__init__()
+        from scoutq.kernels.triton_moe import TritonExperts
+
+        self.kernel = TritonExperts(gate_up, down, device)
+        self.calls: Counter[str] = Counter()
+
+    def grouped(self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        self.calls["triton grouped MoE"] += 2  # one launch for gate_up, one for down
+        groups = ExpertGroups.of(scores, experts, self.kernel.num_experts)
+        return self.kernel(x, groups.tokens, groups.scores, groups.bounds)
+
+
+def kernels_used(model: nn.Module) -> dict[str, int]:
+    """The kernels the model's quantized weights have run, with their numbers of calls (launches)."""
+    used: Counter[str] = Counter()
+    for module in model.modules():
+        used.update(getattr(module, "calls", Counter()) if isinstance(module, QuantLinear | QuantExperts |
+                                                                       GroupedExperts) else Counter())
+    return dict(sorted(used.items()))
 
 
 def concat_rows(weights: list[PackedWeight]) -> PackedWeight:
@@ -136,9 +177,11 @@ def _load_experts(checkpoint: Checkpoint, model: Llama4ForCausalLM, state: dict[
         return
     if any(group is None for group in chosen.values()):
         raise CheckpointError(f"{checkpoint.directory}: layer {layer}'s routed experts are only partly quantized")
-    gate_up, down = [], []
-    for e in range(experts):
-        fused = concat_rows([_packed(checkpoint, names[(e, p)], chosen[(e, p)]) for p in ("gate", "up")])  # type: ignore[arg-type]
-        gate_up.append(prepare(fused, backend, device))
-        down.append(prepare(_packed(checkpoint, names[(e, "down")], chosen[(e, "down")]), backend, device))  # type: ignore[arg-type]
-    _set_module(model, f"layers.{layer}.feed_forward.experts", QuantExperts(gate_up, down))
+    fused = [concat_rows([_packed(checkpoint, names[(e, p)], chosen[(e, p)]) for p in ("gate", "up")])  # type: ignore[arg-type]
+             for e in range(experts)]
+    downs = [_packed(checkpoint, names[(e, "down")], chosen[(e, "down")]) for e in range(experts)]  # type: ignore[arg-type]
+    if backend == Backend.CUDA:
+        module: nn.Module = GroupedExperts(fused, downs, device)
+    else:
+        module = QuantExperts([prepare(w, backend, device) for w in fused], [prepare(w, backend, device) for w in downs])
+    _set_module(model, f"layers.{layer}.feed_forward.experts", module)

@@ -3,8 +3,10 @@
 Tolerances are on the maximum absolute error relative to the largest reference output:
   * cpu: PyTorch's packed kernels run in bf16 (activations and accumulation outputs), so
     they match to bf16 precision: 2e-2 (a bf16 ulp is 2^-8 = 3.9e-3 relative; sums add a few).
-    scoutq's native int4 op, scoutq::int4_matmul (bf16 activations, fp32 accumulation), is
-    held to the same 2e-2, for 1 to 64 tokens (every register-tile size and a ragged last tile)
+    From cpu.TILES_FROM_TOKENS tokens on, the cpu backend multiplies dequantized fp32 tiles
+    instead (tiles.py), held to the same bound here and to 1e-6 against the exact fp32
+    dequantization below. scoutq's native int4 op, scoutq::int4_matmul (bf16 activations, fp32
+    accumulation), is held to the same 2e-2, for 1 to 64 tokens (every register-tile size and a ragged last tile)
     and groups of 64, 128, 256 and whole rows.
   * bnb: re-quantizes the weight in its own format (nf4 blocks of 64, LLM.int8), so it
     matches only to within that format's error: 2e-1 for 4-bit, 3e-2 for 8-bit.
@@ -20,8 +22,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from scoutq.kernels import Backend, native, prepare
-from scoutq.kernels.cpu import Int4CpuMatmul, Int8CpuMatmul
+from scoutq.kernels import Backend, native, prepare, tiles
+from scoutq.kernels.cpu import TILES_FROM_TOKENS, Int4CpuMatmul, Int8CpuMatmul, TokenDispatch, packed_matmul
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.rtn import rtn_quantize
 from scoutq.quant.scheme import Scheme
@@ -57,10 +59,35 @@ def test_backend_matches_reference(backend: Backend, scheme: Scheme, tokens: int
 
 def test_cpu_backend_uses_packed_kernels_where_it_can() -> None:
     int4 = Int4CpuMatmul if native.library() is None else native.NativeInt4Matmul
-    assert isinstance(prepare(rtn_quantize(weight(Scheme(4, 128)), Scheme(4, 128)), Backend.CPU), int4)
     # Groups of 32 are not runs of 64: PyTorch's kernel takes them.
-    assert isinstance(prepare(rtn_quantize(weight(Scheme(4, 32)), Scheme(4, 32)), Backend.CPU), Int4CpuMatmul)
-    assert isinstance(prepare(rtn_quantize(weight(Scheme(8, None)), Scheme(8, None)), Backend.CPU), Int8CpuMatmul)
+    assert isinstance(packed_matmul(rtn_quantize(weight(Scheme(4, 32)), Scheme(4, 32))), Int4CpuMatmul)
+    assert isinstance(packed_matmul(rtn_quantize(weight(Scheme(8, None)), Scheme(8, None))), Int8CpuMatmul)
+    kernel = prepare(rtn_quantize(weight(Scheme(4, 128)), Scheme(4, 128)), Backend.CPU)
+    if tiles.library() is None:
+        assert isinstance(kernel, int4)
+        return
+    assert isinstance(kernel, TokenDispatch) and isinstance(kernel.few, int4)
+    threshold = TILES_FROM_TOKENS[4]
+    assert kernel.method(threshold - 1) == int4.__name__ and kernel.method(threshold) == "tiles"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=Scheme.describe)
+@pytest.mark.parametrize("tokens", [1, 3, 64, 300])
+def test_tile_path_equals_the_exact_fp32_dequantization(scheme: Scheme, tokens: int) -> None:
+    """Dequantized tiles feeding an fp32 GEMM: the same as multiplying the exactly dequantized
+    weight ((q - z) * s in fp32) to fp32 summation order; tolerance 1e-6 of the largest output."""
+    if tiles.library() is None:
+        pytest.skip(f"tile kernel unavailable: {tiles.status()}")
+    packed = rtn_quantize(weight(scheme, out_features=300), scheme)
+    kernel = tiles.DequantTileMatmul(packed)
+    kernel.tile_rows = 64  # several tiles and a ragged last one
+    group = scheme.group_size or packed.shape[1]
+    zero = 0.0 if packed.zero_point is None else packed.zero_point.float().repeat_interleave(group, 1)
+    exact = (packed.unpacked().float() - zero) * packed.scale.float().repeat_interleave(group, 1)
+    x = torch.randn(tokens, packed.shape[1], generator=torch.Generator().manual_seed(tokens))
+    expected = x @ exact.t()
+    error = (kernel(x) - expected).abs().max().item() / expected.abs().max().item()
+    assert error <= 1e-6, f"{scheme.describe()}: relative error {error:.3g}"
 
 
 def slow_native_pack(q: torch.Tensor) -> torch.Tensor:

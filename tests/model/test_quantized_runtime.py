@@ -105,6 +105,29 @@ def test_run_command_generates_and_reports_speed(quantized: dict[str, Path], cap
     report = json.loads(capsys.readouterr().out)
     assert report["generated_tokens"] == 6 and report["prompt_tokens"] > 1
     assert report["prefill_tokens_per_second"] > 0 and report["decode_tokens_per_second"] > 0
+    assert report["kernels"] and all(count > 0 for count in report["kernels"].values())  # which kernels ran
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-g128", "w8a16", "w4a16-g128-asym"])
+def test_cuda_backend_agrees_with_reference(recipe: str, quantized: dict[str, Path]) -> None:
+    """The GPU backend (grouped Triton MoE kernel, Triton or torch Linears) on the whole model, in
+    Triton's interpreter on CPU tensors where no GPU is visible. fp32 activations; the kernel
+    dequantizes in fp32 where the reference rounds each weight to the bf16 scale's dtype (a
+    relative 2^-9 per weight), so the tolerance is 4e-3 of the logits' scale (measured 8e-4)."""
+    pytest.importorskip("triton")
+    from scoutq.kernels.triton_moe import interpreted
+    from scoutq.model.quantized import GroupedExperts, kernels_used
+
+    device = "cpu" if interpreted() else "cuda"
+    ids = token_ids(batch=1, length=12)
+    with torch.no_grad():
+        reference = scoutq.load_model(quantized[recipe], dtype=torch.float32, backend="reference")(ids)
+        model = scoutq.load_model(quantized[recipe], device=device, dtype=torch.float32, backend="cuda")
+        assert any(isinstance(m, GroupedExperts) for m in model.modules())
+        got = model(ids.to(device)).cpu()
+    assert (got - reference).abs().max().item() <= 4e-3 * reference.abs().max().item()
+    assert torch.equal(got.argmax(-1), reference.argmax(-1))
+    assert kernels_used(model)["triton grouped MoE"] > 0
 
 
 def test_unknown_backend_is_one_clear_error(quantized: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
