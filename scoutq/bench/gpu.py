@@ -10,7 +10,8 @@ Steps, each a fresh `scoutq` process timed from outside (peak RSS from the kerne
      GPUs are visible, with one rank per GPU; the sha256 of each output, so equal bytes show;
   4. the same walk on the CPU is NOT run at real shapes (hours); on --tiny it is, and the share
      of int4 codes that differ between CPU and device outputs is printed;
-  5. `scoutq bench kernels` and `scoutq bench moe`;
+  5. `scoutq bench kernels`, `scoutq bench moe` and `scoutq bench moe --device cuda` (the grouped
+     Triton MoE kernel; target: int4 one-token step >= 2.5x bf16);
   6. the GPU tests (`pytest -m gpu`).
 Nothing is asserted here; the figures are read off the table.
 """
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         rows[-1]["note"] = f"int4 words differing from {args.device}: {_differing_codes(one, cpu):.2%}"
     if not args.tiny:
         step("bench kernels", [scoutq, "bench", "kernels"], show=True)
-        step("bench moe", [scoutq, "bench", "moe"], show=True)
+        step("bench moe (cpu)", [scoutq, "bench", "moe"], show=True)
+        step("bench moe --device cuda", [scoutq, "bench", "moe", "--device", "cuda"], show=True)
         step("tests -m gpu", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], show=True)
 
     print(f"\nbench-gpu ({args.device}, {gpus} device(s), {time.perf_counter() - started:.0f} s in all)")

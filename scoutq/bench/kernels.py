@@ -73,10 +73,10 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) 
     return statistics.median(times)
 
 
-def read_bandwidth() -> float:
-    """Bytes per second for a streaming read (a sum over 512 MB of fp32)."""
-    buffer = torch.ones(128 * 1024 * 1024)
-    seconds = median_seconds(lambda: buffer.sum(), repeats=5, warmup=1)
+def read_bandwidth(device: str = "cpu") -> float:
+    """Bytes per second for a streaming read (a sum over 512 MB of fp32) on `device`."""
+    buffer = torch.ones(128 * 1024 * 1024, device=device)
+    seconds = median_seconds(lambda: float(buffer.sum()), repeats=5, warmup=1)
     return buffer.numel() * 4 / seconds
 
 
@@ -189,14 +189,17 @@ def _time_variants(bench: str, variants: dict[str, Variant], bandwidth: float,
     return rows
 
 
-def moe_rows() -> list[Row]:
-    """One Scout MoE layer step (router, top-1 grouped experts, shared expert)."""
+def moe_rows(device: str = "cpu") -> list[Row]:
+    """One Scout MoE layer step (router, top-1 grouped experts, shared expert) on `device`: the
+    cpu backend on the CPU; on a GPU the cuda backend (the grouped Triton kernel for the experts)."""
     from scoutq.checkpoint.config import parse_text_config
     from scoutq.fixtures import presets
     from scoutq.model.moe import MoE
-    from scoutq.model.quantized import QuantExperts, QuantLinear, concat_rows
+    from scoutq.model.quantized import GroupedExperts, QuantExperts, QuantLinear, concat_rows
 
-    bandwidth = read_bandwidth()
+    on_gpu = torch.device(device).type == "cuda"
+    backend = Backend.CUDA if on_gpu else Backend.CPU
+    bandwidth = read_bandwidth(device)
     config = parse_text_config(presets.scout_text_config(1))
     dense = MoE(config).to(torch.bfloat16).requires_grad_(False)
     generator = torch.Generator().manual_seed(0)
@@ -208,20 +211,22 @@ def moe_rows() -> list[Row]:
     def quantized(scheme: Scheme) -> MoE:
         layer = MoE(config).to(torch.bfloat16).requires_grad_(False)
         layer.router = dense.router
-        gate_up, down = [], []
-        for e in range(EXPERTS):
-            fused = dense.experts.gate_up[e]
-            gate_up.append(prepare(concat_rows([rtn_quantize(fused[:EXPERT_WIDTH], scheme),
-                                                rtn_quantize(fused[EXPERT_WIDTH:], scheme)]), Backend.CPU))
-            down.append(prepare(rtn_quantize(dense.experts.down[e], scheme), Backend.CPU))
-        layer.experts = QuantExperts(gate_up, down)
+        fused = [concat_rows([rtn_quantize(dense.experts.gate_up[e][:EXPERT_WIDTH], scheme),
+                              rtn_quantize(dense.experts.gate_up[e][EXPERT_WIDTH:], scheme)]) for e in range(EXPERTS)]
+        downs = [rtn_quantize(dense.experts.down[e], scheme) for e in range(EXPERTS)]
+        if on_gpu:
+            layer.experts = GroupedExperts(fused, downs, device)  # type: ignore[assignment]
+        else:
+            layer.experts = QuantExperts([prepare(w, backend) for w in fused],  # type: ignore[assignment]
+                                         [prepare(w, backend) for w in downs])
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(layer.shared_expert, name, QuantLinear(prepare(
-                rtn_quantize(getattr(dense.shared_expert, name).weight, scheme), Backend.CPU)))
-        return layer
+                rtn_quantize(getattr(dense.shared_expert, name).weight, scheme), backend, device)))
+        return layer.to(device)
 
-    layers = {"bf16 MoE": (dense, 2.0), "scoutq int8 MoE": (quantized(Scheme(8, None)), 1.0),
-              "scoutq int4-g128 MoE": (quantized(Scheme(4, 128)), 0.5 + 2 / 128)}
+    int8, int4 = quantized(Scheme(8, None)), quantized(Scheme(4, 128))  # quantized on the CPU, then moved
+    layers = {"bf16 MoE": (dense.to(device), 2.0), "scoutq int8 MoE": (int8, 1.0),
+              "scoutq int4-g128 MoE": (int4, 0.5 + 2 / 128)}
 
     def step_bytes(name: str, tokens: int) -> int:
         # Uniform top-1 routing touches 16 * (1 - (15/16)^tokens) experts on average, plus the shared one.
@@ -233,11 +238,21 @@ def moe_rows() -> list[Row]:
         shared = layer.shared_expert.gate_proj
         if not isinstance(shared, QuantLinear):
             return "F.linear bf16"
+        if isinstance(layer.experts, GroupedExperts):
+            return f"shared {method_of(shared.matmul, tokens)}; routed triton grouped MoE"
         routed = method_of(layer.experts.gate_up[0], max(1, round(tokens / EXPERTS)))  # type: ignore[union-attr]
         return f"shared {method_of(shared.matmul, tokens)}; routed {routed}"
 
-    variants: dict[str, Variant] = {name: (lambda x, m=module: m(x), torch.bfloat16, 0,
-                                           lambda t, m=module: method(m, t)) for name, (module, _) in layers.items()}
+    def timed(module: MoE) -> Callable[[torch.Tensor], torch.Tensor]:
+        def step(x: torch.Tensor) -> torch.Tensor:
+            y = module(x.to(device))
+            if on_gpu:
+                torch.cuda.synchronize()
+            return y
+        return step
+
+    variants: dict[str, Variant] = {name: (timed(module), torch.bfloat16, 0, lambda t, m=module: method(m, t))
+                                    for name, (module, _) in layers.items()}
     with torch.no_grad():
         return _time_variants("moe", variants, bandwidth, step_bytes)
 

@@ -16,6 +16,8 @@ EXAMPLES = """Examples:
 
   scoutq bench moe --json > moe.json
 
+  scoutq bench moe --device cuda
+
   scoutq bench crossover
 """
 
@@ -45,13 +47,19 @@ def kernels(
 
 
 @app.command("moe", epilog=EXAMPLES)
-def moe(json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False) -> None:
+def moe(
+    json: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
+    device: Annotated[str, typer.Option(help="cpu (the cpu backend) or cuda (the cuda backend: grouped Triton "
+                                             "MoE kernel).")] = "cpu",
+) -> None:
     """One Scout MoE layer (16 experts top-1 + shared expert): bf16, int8, int4, 1-1,024 tokens."""
     from scoutq.bench.kernels import as_dicts, moe_rows
+    from scoutq.stream.processes import resolve_device
 
+    chosen = resolve_device(device)
     with console.status("timing a Scout MoE layer"):
-        rows = as_dicts(moe_rows())
-    _render("MoE layer step, hidden 5120, 16 experts top-1 + shared", rows, json)
+        rows = as_dicts(moe_rows(str(chosen)))
+    _render(f"MoE layer step on {chosen}, hidden 5120, 16 experts top-1 + shared", rows, json)
 
 
 @app.command("crossover", epilog=EXAMPLES)

@@ -13,8 +13,9 @@ The weights are read in the layout scoutq writes (compressed-tensors pack-quanti
 words along the input dimension, element j of a word in bits [bits*j, bits*(j+1)), stored
 unsigned with offset 2^(bits-1)), stacked over the experts once at load. One projection is
 one launch: gate and up (fused rows) on the score-scaled token rows, then down on the SwiGLU
-intermediate, which is already in sorted order. Accumulation is fp32; activations are cast to
-fp32 inside (Triton's interpreter has no bf16 arithmetic).
+intermediate, which is already in sorted order. Accumulation is fp32. On a GPU the products are
+bf16 (activations and dequantized weights rounded to bf16, as w4a16 kernels do); in Triton's
+interpreter, which has no bf16 arithmetic, everything is fp32.
 
 On CUDA tensors the kernel is compiled; with TRITON_INTERPRET=1 it runs on CPU tensors in
 Triton's interpreter, so the same kernel is tested on machines without a GPU (the test suite
@@ -43,7 +44,8 @@ BLOCK_K = 32  # a multiple of 8 (int4 elements per word) dividing every group si
 def _grouped_matmul_kernel(a_ptr, rows_ptr, row_scale_ptr, w_ptr, s_ptr, z_ptr, out_ptr, block_expert_ptr,
                    n_out, k_in, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
                    stride_om, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-                   HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_BF16: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -77,7 +79,10 @@ def _grouped_matmul_kernel(a_ptr, rows_ptr, row_scale_ptr, w_ptr, s_ptr, z_ptr, 
             w = (q - zero).to(tl.float32) * scale
         else:
             w = q.to(tl.float32) * scale
-        acc += tl.dot(a, w)
+        if DOT_BF16:  # GPUs: bf16 tensor-core products, fp32 accumulation (w4a16)
+            acc += tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16))
+        else:  # the interpreter (no bf16 arithmetic): fp32 throughout
+            acc += tl.dot(a, w)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=valid[:, None] & n_mask[None, :])
 
 
@@ -176,7 +181,7 @@ def grouped_matmul(a: torch.Tensor, sorted_rows: torch.Tensor, block_expert: tor
         weights.packed.stride(0), weights.packed.stride(1), weights.scale.stride(0), weights.scale.stride(1),
         zero.stride(0) if zero is not None else 0, zero.stride(1) if zero is not None else 0, out.stride(0),
         GROUP=weights.group, BITS=weights.bits, HAS_ROW_SCALE=row_scale is not None, HAS_ZERO=zero is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_BF16=a.device.type == "cuda",
     )
     return out
 

@@ -113,7 +113,8 @@ def test_cuda_backend_agrees_with_reference(recipe: str, quantized: dict[str, Pa
     """The GPU backend (grouped Triton MoE kernel, Triton or torch Linears) on the whole model, in
     Triton's interpreter on CPU tensors where no GPU is visible. fp32 activations; the kernel
     dequantizes in fp32 where the reference rounds each weight to the bf16 scale's dtype (a
-    relative 2^-9 per weight), so the tolerance is 4e-3 of the logits' scale (measured 8e-4)."""
+    relative 2^-9 per weight), so the tolerance is 4e-3 of the logits' scale (measured 8e-4); on a
+    GPU, which multiplies in bf16, the cpu backend's bounds."""
     pytest.importorskip("triton")
     from scoutq.kernels.triton_moe import interpreted
     from scoutq.model.quantized import GroupedExperts, kernels_used
@@ -125,8 +126,12 @@ def test_cuda_backend_agrees_with_reference(recipe: str, quantized: dict[str, Pa
         model = scoutq.load_model(quantized[recipe], device=device, dtype=torch.float32, backend="cuda")
         assert any(isinstance(m, GroupedExperts) for m in model.modules())
         got = model(ids.to(device)).cpu()
-    assert (got - reference).abs().max().item() <= 4e-3 * reference.abs().max().item()
-    assert torch.equal(got.argmax(-1), reference.argmax(-1))
+    if device == "cpu":
+        assert (got - reference).abs().max().item() <= 4e-3 * reference.abs().max().item()
+        assert torch.equal(got.argmax(-1), reference.argmax(-1))
+    else:  # a GPU multiplies in bf16: the cpu backend's bounds (test_cpu_backend_agrees_with_reference)
+        assert (got.argmax(-1) == reference.argmax(-1)).float().mean().item() >= 0.9
+        assert (got - reference).abs().mean().item() <= 0.02 * reference.abs().mean().item() + 1e-3
     assert kernels_used(model)["triton grouped MoE"] > 0
 
 
