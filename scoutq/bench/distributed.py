@@ -52,6 +52,15 @@ def _run(scoutq: str, source: Path, out: Path, args: object, ranks: int) -> dict
             "peak_rss_gb_sum": round(sum(per_rank), 2), "sha256": digest}
 
 
+def _amdahl(rows: list[dict[str, object]]) -> tuple[float, float]:
+    """Least-squares serial and parallel seconds of T(N) = serial + parallel / N."""
+    x = [1 / int(row["ranks"]) for row in rows]  # type: ignore[call-overload]
+    y = [float(row["seconds"]) for row in rows]  # type: ignore[arg-type]
+    mean_x, mean_y = sum(x) / len(x), sum(y) / len(y)
+    parallel = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y, strict=True)) / sum((a - mean_x) ** 2 for a in x)
+    return mean_y - parallel * mean_x, parallel
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -85,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         per_rank = " ".join(f"{gb:.2f}" for gb in row["peak_rss_gb_per_rank"])  # type: ignore[attr-defined]
         print(f"{row['ranks']!s:>5s} {seconds:9.1f} {row['speed_up']!s:>9s} {per_rank:>22s} "
               f"{row['peak_rss_gb_sum']!s:>7s} {projected:13.1f}  {row['sha256']}")
+    if len(rows) >= 2:
+        serial, parallel = _amdahl(rows)
+        print(f"fit T(N) = {serial:.0f} s + {parallel:.0f} s / N over the measured runs; 48 layers (an upper "
+              "bound: the run's fixed costs, writing the output included, are counted once per layer):")
+        for ranks in (1, 4, 8):
+            print(f"  {ranks} ranks: {(serial + parallel / ranks) / layers * SCOUT_LAYERS / 3600:.1f} h")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0 if all(row["sha256"] == rows[0]["sha256"] != "failed" for row in rows) else 1

@@ -62,12 +62,36 @@ class Int8CpuMatmul:
 
 
 # From how many tokens (rows of x) the tile path is faster than the packed kernel, per bits.
-# Measured with `scoutq bench kernels` (its "crossover" rows: one Scout expert projection
-# W [8192, 5120], 2 threads, median of 7) on the 2-core AVX-512 (no BF16) development machine,
-# 2026-12-03: see TILES_MEASUREMENT below. Where the native AVX-512 BF16 kernel runs, its
-# own crossover is higher; `scoutq bench kernels` prints it for that machine.
-TILES_FROM_TOKENS = {4: 16, 8: 16}
-TILES_MEASUREMENT = "set from the crossover rows of `scoutq bench kernels`; see the module docstring"
+# Measured by `scoutq bench crossover` (one Scout expert projection W [8192, 5120], 2 threads,
+# median of 7) on the 2-core development machine (AVX-512F, no AVX-512 BF16), 2026-12-03, in ms
+# as packed / tiles:
+#   int8 (Int8CpuMatmul):  16 tok 25.1 / 34.4   24 tok 22.2 / 42.9   32 tok 34.1 / 33.6
+#                          48 tok 43.3 / 40.1    64 tok 59.4 / 55.5  128 tok 126.4 / 86.0
+#   int4 (Int4CpuMatmul):  32 tok 27.1 / 34.8   48 tok 43.2 / 52.3   64 tok 84.7 / 71.1
+#                         128 tok 114.3 / 85.7
+# The tiles win from 32 (int8) and 64 (int4) tokens on and at every larger count measured.
+# Where scoutq's AVX-512 BF16 kernel runs, the packed side is faster and its crossover higher:
+# `scoutq bench crossover` prints it for that machine.
+TILES_FROM_TOKENS = {4: 64, 8: 32}
+
+# A weight whose fp32 form is at most this many bytes is kept dequantized in fp32 and multiplied
+# densely. At that size the packed and tile kernels' fixed cost per call (casts, transposes,
+# threads) exceeds a whole dense matmul, and the bytes are negligible: no weight of Scout is
+# this small (the smallest quantized one, k_proj [1024, 5120], is 20 MB in fp32), while every
+# weight of the tiny fixtures is. Measured on tiny-trained (w4a16-g128, 8 windows of 128
+# tokens, fp32): a forward took 120 ms with the kernels, 78 ms with the bf16 source.
+DENSE_BELOW_BYTES = 2 * 1024 * 1024
+
+
+class DenseMatmul:
+    """A small packed weight, dequantized once (the reference's values) and multiplied in fp32."""
+
+    def __init__(self, weight: PackedWeight):
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight.dequantize().float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.float(), self.weight).to(x.dtype)
 
 
 class TokenDispatch:
@@ -87,9 +111,11 @@ class TokenDispatch:
         return (self.many if rows >= self.tiles_from else self.few)(x)
 
 
-def cpu_matmul(weight: PackedWeight) -> TokenDispatch | native.NativeInt4Matmul | Int4CpuMatmul | Int8CpuMatmul | ReferenceMatmul:
-    """The fastest CPU kernels for the weight's scheme, dispatched by token count (the reference
-    where none applies)."""
+def cpu_matmul(weight: PackedWeight) -> TokenDispatch | DenseMatmul | native.NativeInt4Matmul | Int4CpuMatmul | Int8CpuMatmul | ReferenceMatmul:
+    """The fastest CPU kernels for the weight's scheme, dispatched by token count; a weight
+    below DENSE_BELOW_BYTES in fp32 dense (the reference where no kernel applies)."""
+    if weight.shape[0] * weight.shape[1] * 4 <= DENSE_BELOW_BYTES:
+        return DenseMatmul(weight)
     few = packed_matmul(weight)
     if isinstance(few, ReferenceMatmul) or not tiles.supports(weight) or tiles.library() is None:
         return few

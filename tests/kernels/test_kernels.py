@@ -22,8 +22,15 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from scoutq.kernels import Backend, native, prepare, tiles
-from scoutq.kernels.cpu import TILES_FROM_TOKENS, Int4CpuMatmul, Int8CpuMatmul, TokenDispatch, packed_matmul
+from scoutq.kernels import Backend, cpu, native, prepare, tiles
+from scoutq.kernels.cpu import (
+    TILES_FROM_TOKENS,
+    DenseMatmul,
+    Int4CpuMatmul,
+    Int8CpuMatmul,
+    TokenDispatch,
+    packed_matmul,
+)
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.rtn import rtn_quantize
 from scoutq.quant.scheme import Scheme
@@ -32,6 +39,22 @@ SCHEMES = [Scheme(8, None, True), Scheme(8, None, False), Scheme(4, 128, True), 
            Scheme(4, 64, True), Scheme(4, 32, False)]
 TOKENS = [1, 2, 4, 16, 64]
 TOLERANCE = {Backend.CPU: {4: 2e-2, 8: 2e-2}, Backend.BNB: {4: 2e-1, 8: 3e-2}}
+
+
+@pytest.fixture(autouse=True)
+def kernels_for_small_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights here are small enough that the cpu backend would multiply them densely
+    (cpu.DENSE_BELOW_BYTES); these tests are about the kernels."""
+    monkeypatch.setattr(cpu, "DENSE_BELOW_BYTES", 0)
+
+
+def test_small_weights_are_multiplied_densely(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()
+    packed = rtn_quantize(weight(Scheme(4, 128)), Scheme(4, 128))
+    kernel = prepare(packed, Backend.CPU)
+    assert isinstance(kernel, DenseMatmul)
+    x = torch.randn(5, packed.shape[1])
+    assert torch.equal(kernel(x), prepare(packed, Backend.REFERENCE)(x))  # the oracle's own values
 
 
 def weight(scheme: Scheme, out_features: int = 192, in_features: int = 512) -> torch.Tensor:
@@ -185,7 +208,7 @@ def test_native_kernel_can_be_switched_off() -> None:
     probe = ("from scoutq.kernels import native, cpu; from scoutq.quant.rtn import rtn_quantize; "
              "from scoutq.quant.scheme import Scheme; import torch; "
              "w = rtn_quantize(torch.randn(64, 256).to(torch.bfloat16), Scheme(4, 128)); "
-             "print(native.library() is None, type(cpu.cpu_matmul(w)).__name__, native.status())")
+             "cpu.DENSE_BELOW_BYTES = 0; print(native.library() is None, type(cpu.cpu_matmul(w)).__name__, native.status())")
     done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "SCOUTQ_NATIVE": "0"},
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True Int4CpuMatmul disabled by SCOUTQ_NATIVE=0"
