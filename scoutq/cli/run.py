@@ -32,8 +32,8 @@ def run(
     """Greedy decoding with a KV cache; prints the text and prefill / decode tokens per second."""
     from tokenizers import Tokenizer
 
-    from scoutq.model.generate import greedy_generate
     from scoutq.evaluate.report import kernel_line
+    from scoutq.model.generate import greedy_generate
     from scoutq.model.load import load_model
     from scoutq.model.quantized import kernels_used
 

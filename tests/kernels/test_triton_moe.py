@@ -15,11 +15,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from scoutq.kernels.triton_moe import TritonExperts, interpreted  # noqa: E402
-from scoutq.model.moe import ExpertGroups, dispatch, route, swiglu_intermediate  # noqa: E402
-from scoutq.quant.packed import PackedWeight  # noqa: E402
-from scoutq.quant.rtn import rtn_quantize  # noqa: E402
-from scoutq.quant.scheme import Scheme  # noqa: E402
+from scoutq.kernels.triton_moe import TritonExperts, interpreted
+from scoutq.model.moe import ExpertGroups, dispatch, route, swiglu_intermediate
+from scoutq.quant.packed import PackedWeight
+from scoutq.quant.rtn import rtn_quantize
+from scoutq.quant.scheme import Scheme
 
 HIDDEN, WIDTH, EXPERTS = 128, 128, 4
 # The interpreter on CPU tensors where no GPU is visible (conftest.py sets TRITON_INTERPRET=1), else the GPU.
