@@ -28,6 +28,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,9 +41,6 @@ CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 STALE_LOCK_SECONDS = 600
 CHUNK = 64  # inputs per packed run (int4_avx512.cpp); in_features and group size must be multiples
-
-_status = "not loaded yet"
-
 
 def build_directory(name: str = NAME) -> Path:
     """Where an extension is built: the user's cache, one folder per Python and torch version."""
@@ -114,30 +112,38 @@ def _failure(error: Exception) -> str:
     return (errors[0] if errors else lines[-1])[:300]
 
 
-@functools.cache
-def library() -> torch._ops.OpOverloadPacket | None:
-    """The op `torch.ops.scoutq.int4_matmul`, or None (see `status()` for why)."""
-    global _status
-    if os.environ.get("SCOUTQ_NATIVE", "1") == "0":
-        _status = "disabled by SCOUTQ_NATIVE=0"
-        return None
-    problem = _cpu_problem() or _toolchain_problem()
-    if problem is not None:
-        _status = problem
-        return None
-    try:
-        op = build()
-    except Exception as failed:  # noqa: BLE001 - any failure to build or load means the fallback, not a crash
-        _status = f"could not build or load the kernel in {build_directory()}: {_failure(failed)}"
-        return None
-    _status = "avx512-bf16"
-    return op
+class ExtensionOp:
+    """A torch op from a C++ extension built on first use, or why it is not available: switched
+    off by SCOUTQ_NATIVE=0, a known problem (CPU, toolchain), or a build that failed (named by
+    its first error line). Loaded once per process: an op namespace registers only once."""
+
+    def __init__(self, name: str, what: str, problem: Callable[[], str | None],
+                 build: Callable[[], torch._ops.OpOverloadPacket], ready: str):
+        self.name, self.what, self.problem, self.build, self.ready = name, what, problem, build, ready
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[torch._ops.OpOverloadPacket | None, str]:
+        if os.environ.get("SCOUTQ_NATIVE", "1") == "0":
+            return None, "disabled by SCOUTQ_NATIVE=0"
+        problem = self.problem()
+        if problem is not None:
+            return None, problem
+        try:
+            return self.build(), self.ready
+        except Exception as failed:  # noqa: BLE001 - any failure to build or load means the fallback, not a crash
+            return None, f"could not build or load the {self.what} in {build_directory(self.name)}: {_failure(failed)}"
+
+    def op(self) -> torch._ops.OpOverloadPacket | None:
+        return self._loaded[0]
+
+    def status(self) -> str:
+        """`ready` when the op is in use, else the reason it is not."""
+        return self._loaded[1]
 
 
-def status() -> str:
-    """What `library()` found: 'avx512-bf16' when the kernel is in use, else the reason."""
-    library()
-    return _status
+_NATIVE = ExtensionOp(NAME, "kernel", lambda: _cpu_problem() or _toolchain_problem(), build, "avx512-bf16")
+library = _NATIVE.op  # the op `torch.ops.scoutq.int4_matmul`, or None (see `status()` for why)
+status = _NATIVE.status  # 'avx512-bf16' when the kernel is in use, else the reason
 
 
 def supports(weight: PackedWeight) -> bool:

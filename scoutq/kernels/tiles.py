@@ -14,8 +14,6 @@ serve every token count.
 
 from __future__ import annotations
 
-import functools
-import os
 from pathlib import Path
 
 import torch
@@ -28,32 +26,14 @@ NAME = "scoutq_dequant_tiles"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 TILE_BYTES = 1024 * 1024  # an fp32 tile of this size stays in a core's L2 while its GEMM reads it
 
-_status = "not loaded yet"
-
-
-@functools.cache
-def library() -> torch._ops.OpOverloadPacket | None:
-    """The op `torch.ops.scoutq_tiles.dequant_matmul`, or None (see `status()` for why)."""
-    global _status
-    if os.environ.get("SCOUTQ_NATIVE", "1") == "0":
-        _status = "disabled by SCOUTQ_NATIVE=0"
-        return None
-    problem = native._toolchain_problem()
-    if problem is not None:
-        _status = problem
-        return None
-    try:
-        native.load_extension(NAME, SOURCE, CFLAGS)
-    except Exception as failed:  # noqa: BLE001 - a failed build means the packed kernels only, not a crash
-        _status = f"could not build or load the tile kernel in {native.build_directory(NAME)}: {native._failure(failed)}"
-        return None
-    _status = "dequant-tiles"
+def _build() -> torch._ops.OpOverloadPacket:
+    native.load_extension(NAME, SOURCE, CFLAGS)
     return torch.ops.scoutq_tiles.dequant_matmul
 
 
-def status() -> str:
-    library()
-    return _status
+_TILES = native.ExtensionOp(NAME, "tile kernel", native._toolchain_problem, _build, "dequant-tiles")
+library = _TILES.op  # the op `torch.ops.scoutq_tiles.dequant_matmul`, or None (see `status()` for why)
+status = _TILES.status
 
 
 def supports(weight: PackedWeight) -> bool:
