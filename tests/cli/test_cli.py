@@ -11,7 +11,8 @@ import pytest
 from helpers.cli import run_cli as run
 
 
-@pytest.mark.parametrize("command", ["inspect", "fixture", "quantize", "verify", "run", "bench kernels", "bench moe"])
+@pytest.mark.parametrize("command", ["inspect", "fixture", "quantize", "verify", "run", "bench kernels", "bench moe",
+                                     "bench crossover"])
 def test_help_has_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run([*command.split(), "--help"], capsys)
     assert code == 0 and "Examples" in out and f"scoutq {command}" in out
