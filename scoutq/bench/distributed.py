@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from scoutq.bench._fixtures import scout_layers, scoutq_command, walk_arguments
 from scoutq.checkpoint.reader import Checkpoint
+from scoutq.stream.processes import free_port, rank_environment
 
 SCOUT_LAYERS = 48
 
@@ -32,12 +32,11 @@ SCOUT_LAYERS = 48
 def _run(scoutq: str, source: Path, out: Path, args: object, ranks: int) -> dict[str, object]:
     command = [scoutq, "quantize", str(source), "--recipe", args.recipe, "--out", str(out),  # type: ignore[attr-defined]
                "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--overwrite"]  # type: ignore[attr-defined]
-    base = {**os.environ, "OMP_NUM_THREADS": str(args.threads),  # type: ignore[attr-defined]
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(ranks),
-            "LOCAL_WORLD_SIZE": str(ranks)}
+    base = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # type: ignore[attr-defined]
+    port = free_port()
     started = time.perf_counter()
     probes = [subprocess.Popen([sys.executable, "-m", "scoutq.bench.peak_rss", "--", *command],
-                               env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE,
+                               env={**base, **rank_environment(rank, ranks, port)}, stdout=subprocess.PIPE,
                                text=True) for rank in range(ranks)]
     measured = [json.loads(probe.communicate()[0].strip().splitlines()[-1]) for probe in probes]
     seconds = time.perf_counter() - started
@@ -59,12 +58,6 @@ def _amdahl(rows: list[dict[str, object]]) -> tuple[float, float]:
     mean_x, mean_y = sum(x) / len(x), sum(y) / len(y)
     parallel = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y, strict=True)) / sum((a - mean_x) ** 2 for a in x)
     return mean_y - parallel * mean_x, parallel
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:

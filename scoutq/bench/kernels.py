@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from scoutq.kernels import Backend, native, prepare
 from scoutq.kernels.cpu import Int4CpuMatmul
+from scoutq.model.quantized import method_of
 from scoutq.quant.rtn import rtn_quantize
 from scoutq.quant.scheme import Scheme
 
@@ -54,12 +55,6 @@ class Row:
     weight_gb_s: float
     fraction_of_read_bw: float
     method: str = ""
-
-
-def method_of(kernel: object, tokens: int) -> str:
-    """Which kernel a prepared weight runs for `tokens` rows (cpu.TokenDispatch decides by count)."""
-    method = getattr(kernel, "method", None)
-    return method(tokens) if callable(method) else type(kernel).__name__
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:

@@ -73,6 +73,13 @@ class CalibrationRun:
                 "seq_len": batch.seq_len, "seed": batch.seed}
 
 
+def check_ranks(run: CalibrationRun, ranks: Ranks) -> None:
+    """Each process carries whole windows: a run needs at least as many as it has ranks."""
+    if run.batch.samples < ranks.count:
+        raise ScoutqError(f"{ranks.count} processes need at least {ranks.count} calibration windows "
+                          f"(--samples {run.batch.samples}): each process carries whole windows")
+
+
 class CalibratedTensors:
     """Quantized tensors of calibrated modules, read back from the calibration directory."""
 
@@ -154,6 +161,7 @@ def run_calibration(
     where to start. Returns the calibrated tensors and the coverage document
     (coverage.json's content). The arithmetic runs on `device`; files are written from the CPU.
     """
+    check_ranks(run, ranks)
     state = None
     if ranks.writer:
         state = read_json_state(directory / "state.json", identity)
@@ -162,9 +170,6 @@ def run_calibration(
             directory.mkdir(parents=True)
             state = {"identity": identity, "next_layer": 0, "layers": [], "head": False}
     state = ranks.broadcast(state, owner=0)
-    if run.batch.samples < ranks.count:
-        raise ScoutqError(f"{ranks.count} processes need at least {ranks.count} calibration windows "
-                          f"(--samples {run.batch.samples}): each process carries whole windows")
 
     device = torch.device(device)
     stream = LayerStream(checkpoint, device=device)

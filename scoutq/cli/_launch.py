@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 from scoutq.cli._output import error
+from scoutq.stream.processes import free_port, rank_environment
 
 POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 10.0
@@ -40,20 +40,13 @@ def without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def launch(argv: list[str], nproc: int) -> int:
     """Run `scoutq <argv>` as `nproc` ranks; returns the exit code for the whole run."""
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc)}
+    port = free_port()
     logs = [None] + [tempfile.TemporaryFile() for _ in range(1, nproc)]
     ranks = []
     for rank in range(nproc):
-        env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        env = {**os.environ, **rank_environment(rank, nproc, port)}
         quiet = logs[rank]
         ranks.append(subprocess.Popen([sys.executable, "-m", "scoutq", *argv], env=env,
                                       stdout=quiet if quiet else None, stderr=quiet if quiet else None))

@@ -46,13 +46,16 @@ class Int4CpuMatmul:
 
 
 class Int8CpuMatmul:
-    def __init__(self, weight: PackedWeight):
+    """PyTorch's `_weight_int8pack_mm`, which has a CUDA kernel too: `device` places the weight
+    (the cuda backend's int8 Linears use this same class on a GPU)."""
+
+    def __init__(self, weight: PackedWeight, device: torch.device | str = "cpu"):
         self.out_features, self.in_features = weight.shape
-        self.q = weight.unpacked().contiguous()
-        self.scale = weight.scale.view(-1).to(torch.bfloat16)
+        self.q = weight.unpacked().to(device).contiguous()
+        self.scale = weight.scale.view(-1).to(device=device, dtype=torch.bfloat16)
         self.offset = None
         if weight.zero_point is not None:
-            self.offset = (weight.zero_point.view(-1).float() * weight.scale.view(-1).float())
+            self.offset = (weight.zero_point.view(-1).float() * weight.scale.view(-1).float()).to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scale)

@@ -2,7 +2,7 @@
 
 Routed experts take the grouped kernel directly (model/quantized.py, `GroupedExperts`); every
 other quantized Linear comes here. int8 per-channel symmetric weights go to PyTorch's
-`_weight_int8pack_mm` (x @ (q * scale).T with bf16 activations, the same op as on the CPU);
+`_weight_int8pack_mm` (x @ (q * scale).T with bf16 activations: cpu.Int8CpuMatmul, on the GPU);
 everything else (int4 groups, asymmetric int8) to the Triton kernel with one "expert".
 Without a GPU, only TRITON_INTERPRET=1 makes this backend usable (Triton's interpreter on CPU
 tensors: what the tests do); otherwise `--backend cuda` on a CPU is one error line.
@@ -14,18 +14,6 @@ import torch
 
 from scoutq.errors import ScoutqError
 from scoutq.quant.packed import PackedWeight
-
-
-class Int8CudaMatmul:
-    def __init__(self, weight: PackedWeight, device: torch.device | str):
-        self.out_features, self.in_features = weight.shape
-        self.q = weight.unpacked().to(device).contiguous()
-        self.scale = weight.scale.view(-1).to(device=device, dtype=torch.bfloat16)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def usable(device: torch.device | str) -> None:
@@ -44,7 +32,9 @@ def cuda_matmul(weight: PackedWeight, device: torch.device | str) -> object:
     usable(device)
     scheme = weight.scheme
     if scheme.bits == 8 and scheme.group_size is None and scheme.symmetric and torch.device(device).type == "cuda":
-        return Int8CudaMatmul(weight, device)
+        from scoutq.kernels.cpu import Int8CpuMatmul  # the same PyTorch op, on the GPU
+
+        return Int8CpuMatmul(weight, device)
     from scoutq.kernels.triton_moe import TritonLinear
 
     return TritonLinear(weight, device)

@@ -45,6 +45,7 @@ from scoutq.calibrate.job import (
     CalibratedTensors,
     CalibrationRun,
     LayerProgressFn,
+    check_ranks,
     run_calibration,
 )
 from scoutq.checkpoint.hashing import file_sha256
@@ -352,6 +353,7 @@ def quantize_checkpoint(
         raise ValueError(f"recipe {plan.recipe.name!r} is calibrated: pass its CalibrationRun")
     identity_body = run_identity(checkpoint, plan, max_shard_bytes)
     if calibration is not None:
+        check_ranks(calibration, ranks)  # before DST is touched
         identity_body["calibration"] = calibration.identity()
     identity = _identity_hash(identity_body)
     finished = _prepare_on_writer(src, dst, identity, overwrite, ranks)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import socket
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,6 +108,19 @@ def launched_ranks() -> int:
         return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
     except ValueError:
         raise ScoutqError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: the rendezvous port of a run started here."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def rank_environment(rank: int, count: int, port: int) -> dict[str, str]:
+    """The variables torchrun gives rank `rank` of `count` on one machine (what `join` reads)."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(count),
+            "LOCAL_WORLD_SIZE": str(count), "RANK": str(rank), "LOCAL_RANK": str(rank)}
 
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
