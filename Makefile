@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 CACHE ?= .cache/scoutq
 STAMP := $(VENV)/.scoutq-installed
 
-.PHONY: install demo release test test-slow fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gpu bench-distributed clean
+.PHONY: install demo release test test-slow test-llama-cpp install-llama-cpp fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gguf bench-gpu bench-distributed clean
 
 install: $(STAMP)
 
@@ -53,6 +53,23 @@ fixtures: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# llama.cpp itself, the consumer of the GGUF files: llama-cpp-python builds it from source (about
+# 8 minutes on 2 cores, once per venv). Pinned so the stated tolerances meet the llama.cpp they
+# were measured against.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
+install-llama-cpp: $(LLAMA_CPP_STAMP)
+
+$(LLAMA_CPP_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet "$(LLAMA_CPP)"
+	touch $@
+
+# The GGUF files checked by llama.cpp: loading, logits against scoutq's runtime, greedy text, the
+# tokenizer. Figures land in $(CACHE)/llama-cpp-results.json.
+test-llama-cpp: install-llama-cpp
+	SCOUTQ_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -m llama_cpp tests/llama_cpp
+	cat $(CACHE)/llama-cpp-results.json
+
 # Tests that build multi-GB real-Scout-shape fixtures (minutes, ~20 GB of disk).
 test-slow: install
 	$(BIN)/python -m pytest -q --run-slow -m slow
@@ -90,6 +107,12 @@ bench-eval: install
 # text, every window), through `scoutq eval`. About 5 minutes on 2 cores.
 bench-quality: install
 	$(BIN)/python -m scoutq.bench.quality
+
+# GGUF quality on tiny-trained held-out text: scoutq's gguf-q4_0, gguf-q4_0-gptaq and gguf-q4_k beside
+# llama.cpp's own Q4_0 and Q4_K_M made by its quantizer from scoutq's BF16 GGUF, all scored by
+# `scoutq eval` against the bf16 checkpoint. Needs llama-cpp-python (built on first use).
+bench-gguf: install-llama-cpp
+	$(BIN)/python -m scoutq.bench.gguf --dir $(CACHE)/bench-gguf
 
 # What a lent GPU machine runs in one go: scout-layers (2 real-shape layers), RTN, the GPTQ layer
 # walk on CUDA with 1 rank and one rank per GPU (sha256 of each output), the kernel and MoE

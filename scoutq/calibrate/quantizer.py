@@ -244,7 +244,7 @@ class CalibratingClient(StreamClient):
         dtype = self.stream.weights.stored_dtype(name)
         packed = self._pack(name, weight, stats, dtype, writes_residual_before)
         self.result.quantized[name] = packed
-        return packed.dequantize().float()
+        return packed.reconstructed()
 
     def _pack(self, name: str, weight: torch.Tensor, stats: InputStatistics | None, source_dtype: torch.dtype,
               writes_residual_before: int | None = None) -> PackedWeight:
@@ -254,6 +254,7 @@ class CalibratingClient(StreamClient):
         if not bool(torch.isfinite(weight).all()):
             raise ScoutqError(f"{what} contains NaN or Inf; refusing to quantize it")
         source = weight.to(source_dtype)
+        scale_dtype = scheme.scales_dtype(source_dtype)
         if stats is None or stats.tokens == 0:
             return self._round_to_nearest(source, scheme, what)
         if self.settings.method == Method.GPTQ:
@@ -263,17 +264,18 @@ class CalibratingClient(StreamClient):
             target = source
             if stats.cross is not None:
                 target = fp_target_weight(source, stats.hessian, stats.cross, options.fp_target_damp, what)
-            return gptq_quantize(target, factors, scheme, source_dtype, options, what, coupling)
+            return gptq_quantize(target, factors, scheme, scale_dtype, options, what, coupling)
         importance = stats.hessian.diagonal() / stats.tokens
-        return clip_quantize(source, importance, scheme, options=self.settings.clip)
+        return clip_quantize(source, importance, scheme, scale_dtype, options=self.settings.clip)
 
     def _round_to_nearest(self, source: torch.Tensor, scheme: Scheme, what: str) -> PackedWeight:
         """A module without statistics (the `rtn` fallback), in the recipe's scale convention.
         Signed scales take the plain primitives (rtn.py's fast kernels keep the stored format's
         own convention); the fallback is rare, so their speed does not matter."""
+        scale_dtype = scheme.scales_dtype(source.dtype)
         if not (self.settings.signed_scales and scheme.symmetric):
-            return rtn_quantize(source, scheme, what=what)
-        scale, _ = primitives.compute_qparams(source, scheme, source.dtype, signed=True)
+            return rtn_quantize(source, scheme, scale_dtype, what=what)
+        scale, _ = primitives.compute_qparams(source, scheme, scale_dtype, signed=True)
         return PackedWeight.from_quantized(primitives.quantize(source, scale, None, scheme), scale, None, scheme)
 
     # -- router-aware rounding ------------------------------------------------------------------

@@ -32,6 +32,9 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 1.0
     original_max_position_embeddings: int = 8192
+    # Per-frequency divisors given outright (a GGUF file's rope_freqs tensor) instead of llama3's
+    # parameters; None: computed from rope_type.
+    frequency_factors: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def _rope_from(text: dict[str, Any]) -> RopeConfig:
             f"config.json: rope type {rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}"
         )
     if rope_type == "default":
-        return RopeConfig(theta=float(theta))
+        factors = params.get("frequency_factors")
+        return RopeConfig(theta=float(theta), frequency_factors=tuple(float(f) for f in factors) if factors else None)
     try:
         return RopeConfig(
             theta=float(theta),

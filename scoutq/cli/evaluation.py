@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from scoutq.checkpoint.gguf_file import is_gguf
 from scoutq.checkpoint.reader import require_directory
 from scoutq.checkpoint.writer import atomic_write_bytes, atomic_write_json
 from scoutq.cli._output import console, error_console, result_json, step_progress_plain, table
@@ -27,13 +28,16 @@ EXAMPLES = """Examples:
   scoutq eval ./scout --layer-walk --samples 32 --save-reference scout-ref.safetensors
 
   scoutq eval out/scout-w4 --layer-walk --reference scout-ref.safetensors
+
+  scoutq eval out/tiny-q4_0.gguf --reference out/tiny-trained --json gguf-report.json
 """
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def eval_command(
-    model: Annotated[Path, typer.Argument(help="Checkpoint to evaluate (scoutq-quantized or bf16).")],
-    reference: Annotated[Path | None, typer.Option(help="Reference checkpoint (usually the bf16 source).")] = None,
+    model: Annotated[Path, typer.Argument(help="Checkpoint to evaluate (scoutq-quantized or bf16), or a .gguf file.")],
+    reference: Annotated[Path | None, typer.Option(
+        help="Reference checkpoint (usually the bf16 source), or a .gguf file.")] = None,
     dataset: Annotated[str, typer.Option(
         help="builtin (offline held-out text), wikitext2 (test split, needs the hub), a calibration set name, "
              "or a .txt/.jsonl/.parquet file.")] = "builtin",
@@ -73,10 +77,15 @@ def eval_command(
     if dtype not in DTYPES:
         raise ScoutqError(f"--dtype {dtype!r}: choose fp32 or bf16")
     started = time.perf_counter()
-    require_directory(model)
-    stored_reference = reference is not None and reference.is_file()
-    if reference is not None and not stored_reference:
-        require_directory(reference, "a reference checkpoint directory or stored reference file")
+    model_gguf = is_gguf(model)
+    if not model_gguf:
+        require_directory(model, "a checkpoint directory or a .gguf file")
+    reference_gguf = reference is not None and is_gguf(reference)
+    stored_reference = reference is not None and reference.is_file() and not reference_gguf
+    if reference is not None and not stored_reference and not reference_gguf:
+        require_directory(reference, "a reference checkpoint directory, .gguf file or stored reference file")
+    if layer_walk and (model_gguf or reference_gguf):
+        raise ScoutqError("--layer-walk reads safetensors checkpoints; a GGUF file is evaluated resident (drop --layer-walk)")
     if stored_reference and not layer_walk:
         raise ScoutqError(f"--reference {reference}: a stored reference file is used with --layer-walk")
     if layer_walk and latency:
@@ -91,7 +100,10 @@ def eval_command(
         comparison = _walked(model, reference, stored_reference, name, texts, seq_len, samples, top_k, save_reference,
                              chosen_device)
     else:
-        windows = evaluation_windows(model, seq_len, samples, texts)
+        # A GGUF model beside a checkpoint reference is scored on the reference's own tokens (the
+        # embedded vocabulary is the same; tests/gguf check that it tokenizes the same).
+        tokens_from = reference if model_gguf and reference is not None and reference.is_dir() else model
+        windows = evaluation_windows(tokens_from, seq_len, samples, texts)
         candidate = load_model(model, device=chosen_device, dtype=DTYPES[dtype], backend=backend)
         reference_model = load_model(reference, device=chosen_device, dtype=DTYPES[dtype]) if reference is not None \
             else None
@@ -100,7 +112,8 @@ def eval_command(
             comparison = compare_models(candidate, reference_model, windows, batch_size,
                                         on_batch=lambda done: progress.update(task, completed=done))
         del reference_model
-        if reference is not None and "quantization_config" in jsonlib.loads((model / "config.json").read_text()):
+        if (reference is not None and model.is_dir() and reference.is_dir()
+                and "quantization_config" in jsonlib.loads((model / "config.json").read_text())):
             errors = error_tables(model, reference, windows, device=chosen_device)
         if latency:
             from scoutq.evaluate.latency import measure_latency

@@ -1,4 +1,4 @@
-"""`scoutq quantize`: a quantized compressed-tensors checkpoint, written shard by shard."""
+"""`scoutq quantize`: a quantized compressed-tensors checkpoint, written shard by shard, or one GGUF file."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from scoutq.cli._output import byte_progress, console, error_console, human_byte
 from scoutq.data.sets import calibration_batch, load_calibration_set
 from scoutq.errors import ScoutqError
 from scoutq.pipeline.quantize import estimate_peak_memory, quantize_checkpoint
+from scoutq.pipeline.gguf_export import estimate_export_memory, export_gguf
+from scoutq.quant.gguf_plan import GgufTensor, gguf_tensors
 from scoutq.quant.plan import QuantPlan, build_plan
-from scoutq.quant.recipe import Recipe, load_recipe
+from scoutq.quant.recipe import OutputFormat, Recipe, load_recipe
 from scoutq.stream.processes import join, launched_ranks, resolve_device
 
 EXAMPLES = """Examples:
@@ -38,6 +40,8 @@ EXAMPLES = """Examples:
   scoutq quantize ./scout --recipe w4a16-g128-gptaq --out ./scout-gptaq --nproc 4
 
   torchrun --nproc-per-node 4 -m scoutq quantize ./scout --recipe w4a16-g128-gptq --out ./scout-gptq
+
+  scoutq quantize ./scout --recipe gguf-q4_0-gptaq --out ./scout-q4_0-gptaq.gguf
 
 An interrupted run resumes: run the same command again.
 """
@@ -66,10 +70,25 @@ def plan_rows(plan: QuantPlan) -> list[dict[str, object]]:
             for (role, scheme), (m, t, i, o) in sorted(rows.items())]
 
 
+def gguf_rows(tensors: list[GgufTensor]) -> list[dict[str, object]]:
+    """role -> ggml type -> tensors, bytes in and out (the dry-run table of a GGUF recipe)."""
+    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for tensor in tensors:
+        role = tensor.parts[0].module.role.value if tensor.parts else "rope_freqs"
+        row = rows[(role, tensor.kind)]
+        row[0] += len(tensor.parts) or 1
+        row[1] += 1
+        row[2] += tensor.bytes_in
+        row[3] += tensor.nbytes
+    return [{"role": role, "scheme": kind, "modules": m, "tensors": t, "bytes_in": i, "bytes_out": o}
+            for (role, kind), (m, t, i, o) in sorted(rows.items())]
+
+
 def quantize(
     src: Annotated[Path, typer.Argument(help="Source checkpoint directory (read only).")],
     recipe: Annotated[str, typer.Option(help="Recipe file, or the name of a shipped recipe (recipes/*.yaml).")],
-    out: Annotated[Path | None, typer.Option(help="Destination directory.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Destination directory (compressed-tensors), or the .gguf file of a gguf-* recipe.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and memory estimate; read headers only.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty destination that is not a run of this command.")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Output shard size bound.")] = "5GB",
@@ -97,8 +116,9 @@ def quantize(
     """Quantize a Llama 4 checkpoint's experts (and whatever else the recipe says) to int8/int4.
 
     Reads the source one expert slice or tensor at a time and writes compressed-tensors
-    `pack-quantized` safetensors that vLLM and transformers load. Router, norms and embeddings
-    always stay in source precision.
+    `pack-quantized` safetensors that vLLM and transformers load, or, for a gguf-* recipe
+    (`format: gguf`), one GGUF file that llama.cpp runs. Router, norms and embeddings always
+    stay in source precision.
     """
     if nproc > 1 and launched_ranks() == 1 and not dry_run:
         raise typer.Exit(launch(without_nproc(command_line), nproc))
@@ -113,9 +133,16 @@ def quantize(
     chosen = with_overrides(load_recipe(recipe), calibration=calibration, samples=samples, seq_len=seq_len,
                             seed=seed, all_experts=all_experts, min_tokens=min_tokens)
     plan = build_plan(checkpoint, chosen)
+    gguf = chosen.format == OutputFormat.GGUF
+    if out is not None and out.suffix == ".gguf" and not gguf:
+        raise ScoutqError(f"--out {out}: recipe {chosen.name!r} writes compressed-tensors; a .gguf file needs a gguf-* "
+                          "recipe (format: gguf), for example gguf-q4_0 or gguf-q4_0-gptaq")
     shard_bytes = parse_size(max_shard_size)
-    peak = estimate_peak_memory(plan, workers)
-    rows = plan_rows(plan)
+    if gguf:
+        tensors = gguf_tensors(checkpoint, plan)
+        peak, rows = estimate_export_memory(tensors), gguf_rows(tensors)
+    else:
+        peak, rows = estimate_peak_memory(plan, workers), plan_rows(plan)
     totals = {"bytes_in": sum(r["bytes_in"] for r in rows), "bytes_out": sum(r["bytes_out"] for r in rows)}
 
     calibration_peak = None
@@ -163,12 +190,19 @@ def quantize(
         with calibration_progress(enabled=run is not None and ranks.writer) as (on_layer, on_step):
             with byte_progress(plan.recipe.name, enabled=ranks.writer) as progress:
                 task = progress.add_task(f"write {plan.recipe.name}", total=totals["bytes_in"])
-                report = quantize_checkpoint(src, plan, checkpoint, out, max_shard_bytes=shard_bytes, workers=workers,
-                                             overwrite=overwrite, on_progress=lambda n: progress.advance(task, n),
-                                             calibration=run, on_layer=on_layer, on_layer_step=on_step, ranks=ranks,
-                                             device=chosen_device)
+                advance = lambda n: progress.advance(task, n)  # noqa: E731
+                if gguf:
+                    report = export_gguf(src, plan, checkpoint, out, overwrite=overwrite, on_progress=advance,
+                                         calibration=run, on_layer=on_layer, on_layer_step=on_step, ranks=ranks,
+                                         device=chosen_device)
+                else:
+                    report = quantize_checkpoint(src, plan, checkpoint, out, max_shard_bytes=shard_bytes,
+                                                 workers=workers, overwrite=overwrite, on_progress=advance,
+                                                 calibration=run, on_layer=on_layer, on_layer_step=on_step,
+                                                 ranks=ranks, device=chosen_device)
     except KeyboardInterrupt:
-        error_console.print(f"interrupted: finished shards are kept in {out}; run the same command again to resume")
+        kept = "finished tensors are kept beside it" if gguf else f"finished shards are kept in {out}"
+        error_console.print(f"interrupted: {kept}; run the same command again to resume")
         raise typer.Exit(130) from None
     if not ranks.writer:
         return  # rank 0 reports for the run
@@ -179,7 +213,12 @@ def quantize(
     if report.coverage is not None:
         coverage_summary(report.coverage)
     if report.already_complete:
-        console.print(f"{out} already holds this exact result (manifest matches); nothing to do")
+        console.print(f"{out} already holds this exact result ({'identity' if gguf else 'manifest'} matches); "
+                      "nothing to do")
+        return
+    if gguf:
+        console.print(f"wrote {out}: {human_bytes(report.bytes_in)} -> {human_bytes(report.bytes_out)} "
+                      f"in {report.seconds:.1f} s ({summary['throughput_gb_s']:.2f} GB/s)")
         return
     resumed = f", {report.shards_reused} reused from an interrupted run" if report.shards_reused else ""
     console.print(f"wrote {out}: {report.shards} shard(s){resumed}, {human_bytes(report.bytes_in)} -> "

@@ -10,6 +10,7 @@ import torch
 import typer
 
 from scoutq.cli._output import console, result_json
+from scoutq.checkpoint.gguf_file import GgufFile, is_gguf
 from scoutq.errors import ScoutqError
 
 EXAMPLES = """Examples:
@@ -17,12 +18,14 @@ EXAMPLES = """Examples:
   scoutq run out/tiny-trained --prompt "The with statement"
 
   scoutq run out/tiny-trained-w4 --prompt "The with statement" --backend cpu --max-new-tokens 64
+
+  scoutq run out/tiny-q4_0.gguf --prompt "The with statement" --dtype fp32
 """
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def run(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (bf16 source or scoutq-quantized).")],
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (bf16 source or scoutq-quantized), or a .gguf file.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.", min=1)] = 32,
     backend: Annotated[str | None, typer.Option(help="Kernel backend for quantized weights: reference, cpu, bnb, cuda (default: cpu on the CPU).")] = None,
@@ -39,16 +42,22 @@ def run(
 
     if dtype not in DTYPES:
         raise ScoutqError(f"--dtype {dtype!r}: choose bf16 or fp32")
-    tokenizer_file = checkpoint / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise ScoutqError(f"{tokenizer_file}: missing; scoutq run needs the checkpoint's tokenizer.json")
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    model = load_model(checkpoint, dtype=DTYPES[dtype], backend=backend)
     stop: set[int] = set()
-    generation_config = checkpoint / "generation_config.json"
-    if generation_config.is_file():
-        eos = jsonlib.loads(generation_config.read_text()).get("eos_token_id")
-        stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if is_gguf(checkpoint):  # the embedded vocabulary and its end-of-text id
+        gguf_file = GgufFile.open(checkpoint)
+        tokenizer = gguf_file.tokenizer()
+        eos = gguf_file.key("tokenizer.ggml.eos_token_id")
+        stop = {int(eos)} if eos is not None else set()
+    else:
+        tokenizer_file = checkpoint / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ScoutqError(f"{tokenizer_file}: missing; scoutq run needs the checkpoint's tokenizer.json")
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        generation_config = checkpoint / "generation_config.json"
+        if generation_config.is_file():
+            eos = jsonlib.loads(generation_config.read_text()).get("eos_token_id")
+            stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    model = load_model(checkpoint, dtype=DTYPES[dtype], backend=backend)
     ids = tokenizer.encode(prompt).ids
     result = greedy_generate(model, ids, max_new_tokens, stop)
     text = tokenizer.decode(result.tokens)

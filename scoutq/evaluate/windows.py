@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from scoutq.checkpoint.gguf_file import GgufFile, is_gguf
 from scoutq.data.corpus import builtin_corpus
 from scoutq.data.tokens import load_tokenizer, token_stream
 from scoutq.errors import ScoutqError
@@ -25,7 +26,8 @@ def evaluation_windows(
     """Non-overlapping token windows of the evaluation text.
 
     Args:
-        tokenizer_dir: directory holding tokenizer.json (the checkpoint directory).
+        tokenizer_dir: directory holding tokenizer.json (the checkpoint directory), or a GGUF
+            file (its embedded vocabulary).
         seq_len: tokens per window; tokens 1..seq_len-1 of each are scored, so at least 2.
         samples: how many windows to keep, from the start of the stream; None keeps all. Fewer
             are returned when the text has fewer.
@@ -42,7 +44,9 @@ def evaluation_windows(
         documents, source = builtin_corpus().evaluation, "the builtin corpus's evaluation split"
     else:
         documents, source = texts, "the given evaluation text"
-    stream = token_stream(load_tokenizer(tokenizer_dir, "evaluation"), documents)
+    tokenizer = GgufFile.open(tokenizer_dir).tokenizer() if is_gguf(tokenizer_dir) \
+        else load_tokenizer(tokenizer_dir, "evaluation")
+    stream = token_stream(tokenizer, documents)
     count = stream.numel() // seq_len
     if count == 0:
         raise ScoutqError(

@@ -54,6 +54,8 @@ def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
     so there is no blend band: 29 of its 64 frequencies are divided by 16.
     """
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if rope.frequency_factors is not None:  # divisors given outright (a GGUF file's rope_freqs)
+        return inv_freq / torch.tensor(rope.frequency_factors, dtype=torch.float32)
     if rope.rope_type != "llama3":
         return inv_freq
     original = rope.original_max_position_embeddings

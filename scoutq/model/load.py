@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from scoutq.checkpoint.gguf_file import is_gguf
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import ConfigError
 from scoutq.model.llama4 import Llama4ForCausalLM
@@ -38,10 +39,11 @@ def load_model(
     backend: str | None = None,
 ) -> Llama4ForCausalLM:
     """Load a Llama 4 checkpoint as a scoutq module: bf16 sources (multimodal or text-only HF
-    layout) and scoutq-quantized compressed-tensors outputs alike.
+    layout), scoutq-quantized compressed-tensors outputs and GGUF files (any tool's) alike.
 
     Args:
-        path: checkpoint directory with config.json and safetensors shards.
+        path: checkpoint directory with config.json and safetensors shards, or a .gguf file
+            (dequantized at load; `backend` does not apply).
         device: where the weights live.
         dtype: activation dtype, and weight dtype of everything not quantized.
         backend: kernel backend for quantized weights (reference, cpu, bnb); default: the
@@ -50,6 +52,10 @@ def load_model(
     Returns:
         A module in eval mode; `model(input_ids [B, T])` returns logits [B, T, vocab].
     """
+    if is_gguf(Path(path)):
+        from scoutq.model.gguf_load import load_gguf
+
+        return load_gguf(path, device, dtype)
     checkpoint = Checkpoint.open(path)
     if "quantization_config" in checkpoint.config_json:
         from scoutq.kernels import Backend, default_backend

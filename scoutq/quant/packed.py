@@ -59,6 +59,14 @@ class PackedWeight:
         """The dense weight [out, in] in the scale's dtype, bit-identical to compressed-tensors'."""
         return primitives.dequantize(self.unpacked(), self.scale, self.zero_point, self.scheme)
 
+    def reconstructed(self) -> torch.Tensor:
+        """The fp32 weight a runtime computes with. compressed-tensors dequantizes in the scale's
+        dtype; a ggml block (Scheme.ggml) multiplies its fp16 step in fp32, which is exact."""
+        if self.scheme.ggml is None:
+            return self.dequantize().float()
+        zero = None if self.zero_point is None else self.zero_point
+        return primitives.dequantize(self.unpacked(), self.scale.float(), zero, self.scheme)
+
     def to(self, device: torch.device | str) -> PackedWeight:
         """The same weight with its tensors on `device` (bits unchanged)."""
         zero = None if self.zero_point is None else self.zero_point.to(device)

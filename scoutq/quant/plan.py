@@ -164,7 +164,7 @@ def _lint_expert_schemes(items: list[PlannedModule]) -> None:
 
 
 def _warnings(items: list[PlannedModule]) -> list[str]:
-    if any(item.scheme and item.module.role in (Role.ATTN_Q, Role.ATTN_K) for item in items):
+    if any(item.scheme and item.scheme.ggml is None and item.module.role in (Role.ATTN_Q, Role.ATTN_K) for item in items):
         # llama4-format.md §4: vLLM permutes q/k rows for its RoPE kernel only for tensors named
         # exactly "weight", so quantized q/k may load with the wrong rotary layout there.
         return ["attention q/k are quantized: vLLM's Llama 4 loader does not re-permute packed q/k weights (untested there)"]

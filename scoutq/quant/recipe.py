@@ -30,6 +30,7 @@ from scoutq.checkpoint.layout import NORM_ROLES, Role
 from scoutq.data.shipped import shipped_dir, shipped_yaml
 from scoutq.errors import ScoutqError
 from scoutq.quant.ct_schema import pattern_error
+from scoutq.quant.ggml import GGML_SCHEMES
 from scoutq.quant.scheme import Scheme
 from scoutq.quant.settings import ClipSettings, GptqSettings
 
@@ -87,14 +88,36 @@ class Calibration(BaseModel):
     fallback: Fallback = Fallback.ALL_EXPERTS
 
 
+CALIBRATED_GGML = ("q4_0",)  # ggml types whose grid GPTQ and clip search (symmetric int4, signed scales)
+
+
+class OutputFormat(StrEnum):
+    COMPRESSED_TENSORS = "compressed-tensors"  # a safetensors directory (vLLM, transformers)
+    GGUF = "gguf"  # one GGUF file (llama.cpp)
+
+
 class WeightScheme(BaseModel):
+    """Either bits (with group_size and symmetric) for compressed-tensors, or a ggml_type for GGUF."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bits: Literal[4, 8]
+    bits: Literal[4, 8] | None = None
     group_size: Annotated[int, Field(gt=0, multiple_of=8)] | None = None
     symmetric: bool = True
+    ggml_type: Literal["q4_0", "q8_0", "q4_k"] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> WeightScheme:
+        if (self.bits is None) == (self.ggml_type is None):
+            raise ValueError("give bits (compressed-tensors) or ggml_type (gguf), not both or neither")
+        if self.ggml_type is not None and (self.group_size is not None or not self.symmetric):
+            raise ValueError(f"ggml_type {self.ggml_type} fixes its own groups and symmetry; remove group_size/symmetric")
+        return self
 
     def scheme(self) -> Scheme:
+        if self.ggml_type is not None:
+            return GGML_SCHEMES[self.ggml_type]
+        assert self.bits is not None
         return Scheme(self.bits, self.group_size, self.symmetric)
 
 
@@ -121,8 +144,9 @@ class Recipe(BaseModel):
 
     name: str
     description: str = ""
+    format: OutputFormat = OutputFormat.COMPRESSED_TENSORS
     method: Method = Method.RTN
-    rules: list[Rule] = Field(min_length=1)
+    rules: list[Rule] = Field(default_factory=list)  # a gguf recipe may have none: a plain conversion
     ignore: list[str] = Field(default_factory=list)
     calibration: Calibration | None = None
     gptq: GptqSettings | None = None
@@ -138,6 +162,17 @@ class Recipe(BaseModel):
         for method, settings in ((Method.GPTQ, self.gptq), (Method.CLIP, self.clip)):
             if settings is not None and self.method != method:
                 raise ValueError(f"a {method.value} section needs method: {method.value} (method is {self.method.value})")
+        gguf = self.format == OutputFormat.GGUF
+        if not self.rules and not gguf:
+            raise ValueError("rules: a compressed-tensors recipe needs at least one rule")
+        for rule in self.rules:
+            if gguf and rule.weights.ggml_type is None:
+                raise ValueError("a gguf recipe names each rule's ggml_type (q4_0, q8_0 or q4_k), not bits")
+            if not gguf and rule.weights.ggml_type is not None:
+                raise ValueError(f"ggml_type {rule.weights.ggml_type} needs format: gguf")
+            if gguf and self.calibrated and rule.weights.ggml_type not in CALIBRATED_GGML:
+                raise ValueError(f"ggml_type {rule.weights.ggml_type} is written by round-to-nearest only "
+                                 f"(calibrated gguf recipes use {', '.join(CALIBRATED_GGML)})")
         return self
 
     @property
@@ -145,7 +180,15 @@ class Recipe(BaseModel):
         return self.method != Method.RTN
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        meaning = self.model_dump(mode="json")
+        # Fields added with GGUF output are left out at their defaults, so a compressed-tensors
+        # recipe keeps the identity (and its finished outputs keep resuming) it had before them.
+        if self.format == OutputFormat.COMPRESSED_TENSORS:
+            del meaning["format"]
+        for rule in meaning["rules"]:
+            if rule["weights"]["ggml_type"] is None:
+                del rule["weights"]["ggml_type"]
+        return json.dumps(meaning, sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
         """sha256 of the recipe's meaning (not its file's formatting or comments)."""

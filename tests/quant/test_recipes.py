@@ -53,7 +53,9 @@ def test_the_expected_recipes_ship() -> None:
 def test_shipped_recipe_loads_by_path_and_by_name(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.name == path.stem
-    assert recipe.rules and all(rule.weights.scheme() for rule in recipe.rules)
+    # Only a GGUF conversion (gguf-bf16) may quantize nothing.
+    assert recipe.rules or recipe.format == "gguf"
+    assert all(rule.weights.scheme() for rule in recipe.rules)
     assert load_recipe(path.stem) == recipe  # a bare name resolves to the shipped file
 
 
@@ -74,6 +76,9 @@ def test_shipped_recipe_plans_cleanly_on_the_tiny_checkpoints(
 ) -> None:
     plan = plan_for(request.getfixturevalue(fixture), path)
     quantized = plan.quantized()
+    if not plan.recipe.rules:  # a plain GGUF conversion
+        assert not quantized
+        return
     assert quantized
     assert all(item.module.role.value not in ("router", "embed") for item in quantized)
     # Every routed expert of every layer is quantized, per expert and projection.
