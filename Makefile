@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 CACHE ?= .cache/scoutq
 STAMP := $(VENV)/.scoutq-installed
 
-.PHONY: install demo release test test-slow test-llama-cpp install-llama-cpp fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gguf bench-gpu bench-distributed clean
+.PHONY: install demo release test test-slow test-llama-cpp install-llama-cpp fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gguf bench-gguf-export bench-gpu bench-distributed clean
 
 install: $(STAMP)
 
@@ -113,6 +113,11 @@ bench-quality: install
 # `scoutq eval` against the bf16 checkpoint. Needs llama-cpp-python (built on first use).
 bench-gguf: install-llama-cpp
 	$(BIN)/python -m scoutq.bench.gguf --dir $(CACHE)/bench-gguf
+
+# The streamed GGUF export (gguf-q4_0, gguf-q4_k) of 2 real-Scout-shape layers: time and peak RSS
+# (target at most 1.5 GB). Needs ~20 GB of disk.
+bench-gguf-export: install
+	$(BIN)/python -m scoutq.bench.gguf_export --layers 2 --dir $(BENCH_DIR)
 
 # What a lent GPU machine runs in one go: scout-layers (2 real-shape layers), RTN, the GPTQ layer
 # walk on CUDA with 1 rank and one rank per GPU (sha256 of each output), the kernel and MoE

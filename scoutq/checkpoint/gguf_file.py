@@ -1,8 +1,8 @@
 """Reading a GGUF file (any tool's): its metadata, a Llama 4 text config, raw tensor bytes.
 
 Parsing is the `gguf` package's (GGUFReader); this module turns its failures and the file's
-inconsistencies into one line naming the file: not GGUF, truncated, a tensor type scoutq
-cannot dequantize, tensor infos that run past the data, a missing Llama 4 tensor.
+inconsistencies into one line naming the file: not GGUF, truncated, an unknown tensor type,
+tensor infos that run past the data or do not describe the file, a missing Llama 4 tensor.
 
 The config is rebuilt from llama.cpp's `llama4.*` keys. Where llama.cpp fixes a setting in
 code (chunk 8192, NoPE every 4th layer, temperature floor 8192 and scale 0.1, QK norm unless
@@ -25,13 +25,17 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from scoutq.checkpoint.config import TextConfig, parse_text_config
 from scoutq.errors import ScoutqError
 
-TYPES = {
+# Types scoutq dequantizes itself (quant/ggml.py, torch float views); any other type the gguf
+# package can dequantize (Q5_K, Q4_1, IQ4_XS, ...: what llama.cpp's mixes such as Q4_K_M carry) is
+# read through its numpy dequantizer.
+OWN_TYPES = {
     gguf.GGMLQuantizationType.F32: "f32",
     gguf.GGMLQuantizationType.F16: "f16",
     gguf.GGMLQuantizationType.BF16: "bf16",
     gguf.GGMLQuantizationType.Q4_0: "q4_0",
     gguf.GGMLQuantizationType.Q8_0: "q8_0",
     gguf.GGMLQuantizationType.Q4_K: "q4_k",
+    gguf.GGMLQuantizationType.Q6_K: "q6_k",
 }
 ARCHITECTURE = "llama4"
 
@@ -62,7 +66,7 @@ def is_gguf(path: Path) -> bool:
 @dataclass(frozen=True)
 class GgufTensorInfo:
     name: str
-    kind: str  # f32, f16, bf16, q4_0, q8_0, q4_k
+    kind: str  # the ggml type's lower-case name: f32, bf16, q4_0, q8_0, q4_k, q6_k, q5_k, ...
     shape: tuple[int, ...]  # row-major (torch) order
     offset: int  # absolute byte offset in the file
     nbytes: int
@@ -79,10 +83,7 @@ class GgufFile:
         self.tensors: dict[str, GgufTensorInfo] = {}
         size = path.stat().st_size
         for tensor in reader.tensors:
-            kind = TYPES.get(tensor.tensor_type)
-            if kind is None:
-                raise ScoutqError(f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which scoutq "
-                                  f"cannot dequantize (it reads {', '.join(t.name for t in TYPES)})")
+            kind = OWN_TYPES.get(tensor.tensor_type, tensor.tensor_type.name.lower())
             end = int(tensor.data_offset) + int(tensor.n_bytes)
             if end > size:
                 raise ScoutqError(f"{path}: truncated: tensor {tensor.name!r} ends at byte {end}, the file has {size}")

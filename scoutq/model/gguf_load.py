@@ -1,7 +1,9 @@
 """A GGUF file (scoutq's or any tool's) as a scoutq Llama 4 module, dequantized.
 
 Every tensor is dequantized once, at load, with quant/ggml.py's fp32 arithmetic (the same bits
-as ggml's reference and the gguf package), then held in the requested dtype: fp32 keeps the
+as ggml's reference and the gguf package; types scoutq does not write, such as the Q5_K in
+llama.cpp's Q4_K_M files, through the gguf package's own dequantizer), then held in the
+requested dtype: fp32 keeps the
 file's weights exactly, which is what comparing a GGUF against its bf16 source needs. The
 module is the same `Llama4ForCausalLM` a safetensors checkpoint loads into, so eval, run and
 latency measure a llama.cpp file through scoutq's runtime.
@@ -12,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
 from scoutq.checkpoint.gguf_file import GgufFile
+from scoutq.errors import ScoutqError
 from scoutq.model.llama4 import Llama4ForCausalLM
 from scoutq.quant import ggml
 
@@ -28,11 +32,17 @@ ATTENTION = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o"}
 def dequantized(file: GgufFile, name: str) -> torch.Tensor:
     """One tensor in fp32 (float types widened exactly), in its row-major shape."""
     info = file.info(name)
-    raw = torch.from_numpy(np.array(file.raw(name)))  # a copy: the file's map stays read-only
+    raw = np.array(file.raw(name))  # a copy: the file's map stays read-only
     if info.kind in FLOAT_VIEWS:
-        values = raw.view(FLOAT_VIEWS[info.kind]).float()
-    else:
-        values = ggml.dequantize(raw, info.kind, info.shape[-1])
+        values = torch.from_numpy(raw).view(FLOAT_VIEWS[info.kind]).float()
+    elif info.kind in ggml.DEQUANTIZE:
+        values = ggml.dequantize(torch.from_numpy(raw), info.kind, info.shape[-1])
+    else:  # another tool's type (Q5_K in llama.cpp's Q4_K_M, ...): the gguf package's dequantizer
+        try:
+            values = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[info.kind.upper()]))
+        except NotImplementedError:
+            raise ScoutqError(f"{file.path}: tensor {name!r} has type {info.kind.upper()}, which neither scoutq nor "
+                              "the gguf package can dequantize") from None
     return values.reshape(info.shape)
 
 

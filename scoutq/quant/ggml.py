@@ -10,7 +10,8 @@ A GGUF tensor of these types is a run of fixed-size blocks along each row (ggml'
           and eight 6-bit mins, then 128 bytes of nibbles (per 64 weights: 32 bytes, element l
           in the low nibble, element l+32 in the high); value = (d*sc) * q - (dmin*m)
 
-Dequantization is computed in fp32 in the same order of operations as ggml's reference
+Q6_K (six bits in super-blocks of 256, what llama.cpp's Q4_K_M uses for some tensors) is read
+only. Dequantization is computed in fp32 in the same order of operations as ggml's reference
 (`dequantize_row_*`) and the gguf package's numpy twin, so all three give the same bits.
 
 scoutq's own symmetric int4 with signed scales (a step of max/-8) and fp16 scales is Q4_0's
@@ -226,9 +227,32 @@ def quantize_q4_k(w: torch.Tensor, importance: torch.Tensor | None = None) -> to
     return q4_k_blocks(q.clamp(0, 15).view(rows, n), d, dmin, scales, mins)
 
 
+# -- Q6_K (read only: llama.cpp's Q4_K_M files carry it for some tensors) ---------------------
+
+Q6_K = BlockType("q6_k", QK_K, 210)
+
+
+def dequantize_q6_k(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """Q6_K rows -> fp32. A 210-byte block: 128 bytes of low nibbles, 64 bytes of 2-bit highs,
+    sixteen int8 scales (one per 16 weights) and fp16 d; value = (d * scale) * (q - 32). Per 128
+    weights, ql byte b holds weights b (low nibble) and b + 64 (high), and qh byte l holds the
+    high bits of weights l, l + 32, l + 64 and l + 96."""
+    rows = blocks.shape[0]
+    supers = n // QK_K
+    raw = blocks.view(rows, supers, Q6_K.nbytes)
+    ql = raw[..., :128].reshape(rows, supers, 2, 1, 64)
+    qh = raw[..., 128:192].reshape(rows, supers, 2, 1, 32)
+    scales = raw[..., 192:208].contiguous().view(torch.int8).float()
+    d = _fp16_from(raw[..., 208:210])
+    low = torch.cat([ql & 0x0F, ql >> 4], dim=3).reshape(rows, supers, 8, 32)
+    high = torch.cat([(qh >> shift) & 0x03 for shift in (0, 2, 4, 6)], dim=3).reshape(rows, supers, 8, 32)
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(rows, supers, 16, 16).float()
+    return ((d.unsqueeze(-1) * scales).unsqueeze(-1) * q).reshape(rows, n)
+
+
 # -- any type ---------------------------------------------------------------------------------
 
-DEQUANTIZE = {"q4_0": dequantize_q4_0, "q8_0": dequantize_q8_0, "q4_k": dequantize_q4_k}
+DEQUANTIZE = {"q4_0": dequantize_q4_0, "q8_0": dequantize_q8_0, "q4_k": dequantize_q4_k, "q6_k": dequantize_q6_k}
 
 
 def dequantize(blocks: torch.Tensor, kind: str, n: int) -> torch.Tensor:

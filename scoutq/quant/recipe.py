@@ -88,7 +88,7 @@ class Calibration(BaseModel):
     fallback: Fallback = Fallback.ALL_EXPERTS
 
 
-CALIBRATED_GGML = ("q4_0",)  # ggml types whose grid GPTQ and clip search (symmetric int4, signed scales)
+CALIBRATED_GGML = ("q4_0", "q8_0")  # ggml types whose grid GPTQ and clip search (symmetric, fp16 scales)
 
 
 class OutputFormat(StrEnum):

@@ -29,6 +29,8 @@ class Scheme:
 
     @property
     def qmin(self) -> int:
+        if self.ggml == "q8_0":  # ggml's x86 dot products take |q| with a sign instruction that overflows on -128
+            return -127
         return -(1 << (self.bits - 1))
 
     @property

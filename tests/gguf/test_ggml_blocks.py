@@ -121,8 +121,10 @@ def test_a_calibrated_packed_weight_packs_losslessly() -> None:
     blocks = ggml.packed_blocks(packed)
     assert torch.equal(ggml.dequantize_q4_0(blocks, 512), packed.reconstructed())
     int8 = GGML_SCHEMES["q8_0"]
-    scale8 = (w.view(24, -1, 32).abs().amax(-1) / 127).to(torch.float16)
-    q8 = primitives.quantize(w, scale8, None, int8).clamp(-127, 127)
+    assert int8.qmin == -127  # Q8_0 leaves -128 out, so every int8 path (RTN, GPTQ, clip) stays packable
+    scale8, _ = primitives.compute_qparams(w, int8, torch.float16, signed=True)
+    q8 = primitives.quantize(w, scale8, None, int8)
+    assert int(q8.min()) >= -127
     packed8 = PackedWeight.from_quantized(q8, scale8, None, int8)
     assert torch.equal(ggml.dequantize_q8_0(ggml.packed_blocks(packed8), 512), packed8.reconstructed())
 
@@ -130,3 +132,14 @@ def test_a_calibrated_packed_weight_packs_losslessly() -> None:
 def test_q8_0_refuses_minus_128() -> None:
     with pytest.raises(ValueError, match="-127, 127"):
         ggml.q8_0_blocks(torch.full((1, 32), -128, dtype=torch.int8), torch.ones(1, 1, dtype=torch.float16))
+
+
+def test_q6_k_dequantization_equals_the_gguf_package() -> None:
+    """Q6_K is read only (llama.cpp's Q4_K_M files carry it): any bytes with a finite fp16 d are a
+    valid block."""
+    generator = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 256, (6, 2 * 210), generator=generator, dtype=torch.uint8)
+    d = (torch.rand(6, 2, generator=generator) * 0.01).to(torch.float16).view(torch.uint8).view(6, 2, 2)
+    blocks.view(6, 2, 210)[..., 208:210] = d
+    theirs = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q6_K)
+    assert np.array_equal(ggml.dequantize_q6_k(blocks, 512).numpy(), theirs)
