@@ -133,7 +133,7 @@ class ModuleSharingClient(CalibratingClient):
         """Record an owner's packed weights (in the single-process order) and compute with them."""
         packed = {name: weight.to(self.stream.device) for name, weight in packed.items()}
         self.result.quantized.update(packed)
-        return tuple(packed[name].dequantize().float() if name in packed else weight
+        return tuple(packed[name].reconstructed() if name in packed else weight
                      for name, weight in zip(names, weights, strict=True))
 
     # -- routed experts: quantized ahead by their owners ------------------------------------------

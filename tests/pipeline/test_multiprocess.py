@@ -106,3 +106,15 @@ def test_a_bad_input_fails_every_rank_with_one_line(tiny_checkpoint: Path, tmp_p
     errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and str(out) in errors[0], done.stderr  # rank 0's line; the others are quiet
     assert (out / "something.txt").read_text() == "not a scoutq run"
+
+
+def test_a_calibrated_gguf_export_with_two_ranks_writes_the_same_bytes(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Attention is quantized too in the gguf recipes, so every rank must compute on with exactly
+    the values the Q4_0 / Q8_0 blocks hold (PackedWeight.reconstructed), as one process does."""
+    files = {}
+    for nproc in ("1", "2"):
+        files[nproc] = tmp_path / f"ranks{nproc}.gguf"
+        done = scoutq("quantize", str(tiny_checkpoint), "--recipe", "gguf-q4_0-gptq", "--out", str(files[nproc]),
+                      *SMALL, "--nproc", nproc)
+        assert done.returncode == 0, done.stderr
+    assert hashlib.sha256(files["1"].read_bytes()).digest() == hashlib.sha256(files["2"].read_bytes()).digest()
