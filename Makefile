@@ -67,7 +67,7 @@ $(LLAMA_CPP_STAMP): $(STAMP)
 # The GGUF files checked by llama.cpp: loading, logits against scoutq's runtime, greedy text, the
 # tokenizer. Figures land in $(CACHE)/llama-cpp-results.json.
 test-llama-cpp: install-llama-cpp
-	SCOUTQ_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -m llama_cpp tests/llama_cpp
+	SCOUTQ_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -m llama_cpp tests/gguf_llama_cpp
 	cat $(CACHE)/llama-cpp-results.json
 
 # Tests that build multi-GB real-Scout-shape fixtures (minutes, ~20 GB of disk).

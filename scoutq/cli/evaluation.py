@@ -101,7 +101,7 @@ def eval_command(
                              chosen_device)
     else:
         # A GGUF model beside a checkpoint reference is scored on the reference's own tokens (the
-        # embedded vocabulary is the same; tests/gguf check that it tokenizes the same).
+        # embedded vocabulary is the same; tests/gguf_files check that it tokenizes the same).
         tokens_from = reference if model_gguf and reference is not None and reference.is_dir() else model
         windows = evaluation_windows(tokens_from, seq_len, samples, texts)
         candidate = load_model(model, device=chosen_device, dtype=DTYPES[dtype], backend=backend)

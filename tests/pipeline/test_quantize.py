@@ -41,7 +41,7 @@ from scoutq.quant.plan import Module, build_plan
 from scoutq.quant.recipe import load_recipe, shipped_recipes
 from scoutq.quant.rtn import rtn_quantize
 
-# compressed-tensors recipes; the gguf-* ones write one GGUF file (tests/gguf/).
+# compressed-tensors recipes; the gguf-* ones write one GGUF file (tests/gguf_files/).
 RECIPES = [path.stem for path in shipped_recipes() if load_recipe(path).format == "compressed-tensors"]
 RTN_RECIPES = [name for name in RECIPES if not load_recipe(name).calibrated]  # calibrated ones: test_calibrated_quantize.py
 INDEX = "model.safetensors.index.json"
