@@ -8,7 +8,8 @@ llama.cpp is built from source (minutes on 2 cores), so these run from `make tes
 Tolerances, stated: with F32 weights llama.cpp multiplies in fp32 like scoutq, so logits agree to
 about 1e-3 (the order of float sums differs). With Q4_0 / Q8_0 / Q4_K weights llama.cpp's CPU
 matmuls first round each activation row to 8-bit blocks (Q8_0 / Q8_K), which scoutq's runtime does
-not, so the same weights give logits within about 0.1 of each other, not bit-equal.
+not, so the same weights give logits within a few tenths of each other (mean about 0.02), not
+bit-equal.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from scoutq.model.load import load_model
 pytestmark = pytest.mark.llama_cpp
 LONG = 8192 + 160  # past llama.cpp's (fixed) 8192-token attention chunk
 F32_TOLERANCE = 5e-3
-# max and mean |logit difference| on 60 tokens (measured: max 0.08-0.14, mean 0.009-0.015).
-QUANTIZED_MAX, QUANTIZED_MEAN = 0.3, 0.03
+# max and mean |logit difference| on 60 tokens. Measured: all-Q8_0 max 0.13, mean 0.010; all-Q4_0
+# max 0.08, mean 0.009; the shipped Q4_0 and Q4_K files (k/v in Q8_0) max 0.37 and 0.39, mean 0.018
+# and 0.024, the largest at position 0 (logits' std 2.2). Top-1 agreement 98-100%.
+QUANTIZED_MAX, QUANTIZED_MEAN = 0.5, 0.04
 RESULTS = Path(__file__).resolve().parents[2] / ".cache" / "scoutq" / "llama-cpp-results.json"
 
 
