@@ -55,14 +55,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _remove(partial)
     try:
         yield partial
-        _fsync(partial)
+        fsync_path(partial)
         os.replace(partial, path)
     except BaseException:
         _remove(partial)
         raise
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory's entries."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -31,7 +31,7 @@ import torch
 from scoutq.calibrate.estimate import RUNTIME_BASE_BYTES
 from scoutq.calibrate.job import CalibrationRun, LayerProgressFn, check_ranks, run_calibration
 from scoutq.checkpoint.reader import Checkpoint
-from scoutq.checkpoint.writer import atomic_write_json, read_json_state
+from scoutq.checkpoint.writer import atomic_write_json, fsync_path, read_json_state
 from scoutq.errors import ScoutqError
 from scoutq.pipeline.gguf_data import ROW_BLOCK_BYTES, TensorData
 from scoutq.pipeline.gguf_metadata import ALIGNMENT, header_bytes, read_identity
@@ -114,7 +114,7 @@ def export_gguf(
     _write(work / WORK_FILE, header, tensors, done, data, identity, work / JOURNAL, on_progress)
 
     os.replace(work / WORK_FILE, dst)
-    _fsync_directory(dst.parent)
+    fsync_path(dst.parent)  # the rename itself is durable
     shutil.rmtree(work, ignore_errors=True)
     return report(0)
 
@@ -201,14 +201,6 @@ def _write(path: Path, header: bytes, tensors: list[GgufTensor], done: list[str]
             atomic_write_json(journal_path, journal)
             if on_progress:
                 on_progress(tensor.bytes_in)
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def estimate_export_memory(tensors: list[GgufTensor]) -> int:
