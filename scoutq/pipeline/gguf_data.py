@@ -55,7 +55,9 @@ def _in_row_blocks(weight: torch.Tensor, kind: str, what: str) -> Iterator[torch
     rows, columns = weight.shape
     step = max(1, ROW_BLOCK_BYTES // (4 * max(columns, 1)))
     for start in range(0, rows, step):
-        block = weight[start : start + step]
+        # Row-major fp32 (an expert's rows are a transposed view): the quantizers' many
+        # elementwise passes then read memory in order.
+        block = weight[start : start + step].float().contiguous()
         _check_finite(block, what)
         yield _encode(block, kind)
 
