@@ -16,8 +16,8 @@ import torch
 from scoutq.calibrate.job import CalibratedTensors
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.checkpoint.rows import read_rows
-from scoutq.errors import ScoutqError
 from scoutq.model.llama4 import rope_inverse_frequencies
+from scoutq.pipeline.quantize import _check_finite  # one NaN/Inf check (aminmax, no copy) for both writers
 from scoutq.quant import ggml
 from scoutq.quant.gguf_plan import ROPE_FREQS, GgufTensor
 from scoutq.quant.packed import PackedWeight
@@ -36,11 +36,6 @@ def rope_factors(checkpoint: Checkpoint) -> torch.Tensor:
     base = rope_inverse_frequencies(config.head_dim, type(rope)(theta=rope.theta)).double()
     scaled = rope_inverse_frequencies(config.head_dim, rope).double()
     return (base / scaled).float()
-
-
-def _check_finite(values: torch.Tensor, what: str) -> None:
-    if values.numel() and not bool(torch.isfinite(values).all()):
-        raise ScoutqError(f"{what} contains NaN or Inf; refusing to write it")
 
 
 def _encode(rows: torch.Tensor, kind: str) -> torch.Tensor:

@@ -184,11 +184,11 @@ def _write(path: Path, header: bytes, tensors: list[GgufTensor], done: list[str]
             hasher = hashlib.sha256()
             size = 0
             for piece in data.pieces(tensor):
-                raw = piece.contiguous().numpy().tobytes()
+                raw = piece.contiguous().numpy()  # written and hashed through the buffer, not copied
                 hasher.update(raw)
                 handle.write(raw)
-                size += len(raw)
-                written += len(raw)
+                size += raw.nbytes
+                written += raw.nbytes
                 if fault_after and written >= fault_after:
                     handle.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
