@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"model"},
     {"stream"},
     {"calibrate", "evaluate"},
-    {"pipeline"},
+    {"pipeline", "harness"},
     {"cli"},
 ]
 # Edges: what each may import, beyond errors and the root.

@@ -42,7 +42,7 @@ def _check(done: subprocess.CompletedProcess[str]) -> str:
 @pytest.fixture(scope="module")
 def source_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tree = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(REPO / name, tree / name)
     for name in COPIED:
         shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", ".*"))
@@ -88,6 +88,10 @@ def test_wheel_holds_every_source_file_and_the_shipped_data(wheel: Path, source_
         expected |= {f"scoutq/{folder}/{path.name}" for path in (source_tree / folder).glob("*.yaml")}
         expected.add(f"scoutq/{folder}/__init__.py")
     expected.add("scoutq/calibration/README.md")
+    tasks = source_tree / "scoutq" / "harness" / "tasks"
+    expected |= {path.relative_to(source_tree).as_posix() for path in tasks.rglob("*") if path.is_file()
+                 and "__pycache__" not in path.parts}
+    expected.add("scoutq-lm-eval.pth")  # the lm-eval plug-in hook, at the top of site-packages
     missing = sorted(expected - names)
     assert not missing, f"not in the wheel (a package missing from pyproject's packages list?): {missing}"
     assert any(name.startswith("scoutq/recipes/w4a16-g128") for name in names)
@@ -105,6 +109,16 @@ def test_installed_package_lives_in_the_venv(venv_python: Path, tmp_path: Path) 
     assert {Path(p).stem for p in found["calibration"]} >= {"builtin", "wikitext2"}
     for path in found["recipes"] + found["calibration"]:
         assert Path(path).resolve().is_relative_to(venv), path
+
+
+def test_installed_wheel_registers_the_lm_eval_model(venv_python: Path, tmp_path: Path) -> None:
+    """The .pth hook: lm_eval finds `scoutq` (from the venv's wheel) and keeps its own models."""
+    code = ("import sys; from lm_eval.api.registry import get_model; "
+            "assert 'torch' not in sys.modules, 'torch imported before any model was asked for'; "
+            "import inspect; print(inspect.getfile(get_model('scoutq'))); print(get_model('hf').__name__)")
+    where, hf = _check(_run([str(venv_python), "-c", code], cwd=tmp_path)).strip().splitlines()[-2:]
+    assert Path(where).resolve().is_relative_to(venv_python.parent.parent.resolve()), where
+    assert hf == "HFLM"
 
 
 def test_installed_cli_finds_a_shipped_recipe(venv_python: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from scoutq.checkpoint.gguf_file import GgufFile, is_gguf
 from scoutq.data.corpus import builtin_corpus
-from scoutq.data.tokens import load_tokenizer, token_stream
+from scoutq.data.tokens import model_tokenizer, token_stream
 from scoutq.errors import ScoutqError
 
 
@@ -44,8 +43,7 @@ def evaluation_windows(
         documents, source = builtin_corpus().evaluation, "the builtin corpus's evaluation split"
     else:
         documents, source = texts, "the given evaluation text"
-    tokenizer = GgufFile.open(tokenizer_dir).tokenizer() if is_gguf(tokenizer_dir) \
-        else load_tokenizer(tokenizer_dir, "evaluation")
+    tokenizer = model_tokenizer(tokenizer_dir, "evaluation")
     stream = token_stream(tokenizer, documents)
     count = stream.numel() // seq_len
     if count == 0:

@@ -72,9 +72,10 @@ def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, rope: RopeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each [T, head_dim/2] in fp32."""
+    """cos and sin of position * frequency: [T, head_dim/2] in fp32 for positions [T] (every row
+    of the batch at the same positions), [B, T, head_dim/2] for per-row positions [B, T]."""
     inv_freq = rope_inverse_frequencies(head_dim, rope).to(positions.device)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -86,7 +87,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, heads, head_dim/2, 2]
     real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 2:  # shared positions [T, head_dim/2]: one batch row for all
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -109,6 +112,24 @@ def causal_mask(query_positions: torch.Tensor, key_count: int, chunk_size: int |
     if chunk_size is not None:
         visible &= (keys[None, :] // chunk_size) == (query_positions[:, None] // chunk_size)
     return visible
+
+
+def padded_causal_mask(positions: torch.Tensor, padding: torch.Tensor, key_count: int,
+                       chunk_size: int | None) -> torch.Tensor:
+    """Boolean [B, 1, Tq, Tk] mask for left-padded rows: `causal_mask` per row, and no row
+    attends to its padding.
+
+    Row b holds padding[b] pad tokens, then its text, so key j sits at position j - padding[b].
+    positions: [B, Tq] per-row positions of the queries (pad queries clamped to 0: they attend
+    to their row's first real token, which keeps every softmax row finite; their outputs are
+    never read).
+    """
+    keys = torch.arange(key_count, device=positions.device)[None, :] - padding[:, None]  # [B, Tk]
+    keys, queries = keys[:, None, :], positions[:, :, None]
+    visible = (keys <= queries) & (keys >= 0)
+    if chunk_size is not None:
+        visible &= torch.div(keys, chunk_size, rounding_mode="floor") == queries // chunk_size
+    return visible[:, None]
 
 
 @dataclass
@@ -156,8 +177,10 @@ class Attention(nn.Module):
         positions: torch.Tensor,  # [T] absolute positions of these tokens
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin for these positions
         cache: KVCache | None = None,
+        padding: torch.Tensor | None = None,  # [B] left-pad tokens per row (positions then [B, T])
     ) -> torch.Tensor:
-        return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), positions, rope, cache))
+        return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), positions, rope, cache,
+                                       padding))
 
     def attend(
         self,
@@ -167,10 +190,14 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None = None,
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Everything between the projections: RoPE, QK norm, temperature, masked softmax
         attention. Returns o_proj's input [B, T, heads * head_dim]. Separate from forward so the
-        layer stream can quantize o_proj after seeing its input."""
+        layer stream can quantize o_proj after seeing its input.
+
+        positions are [T] (every row starts at position 0) or, with `padding` (left-pad tokens
+        per row, for batched generation of prompts of different lengths), [B, T] per row."""
         batch, length, _ = q.shape
         q = q.view(batch, length, self.heads, self.head_dim)
         k = k.view(batch, length, self.kv_heads, self.head_dim)
@@ -182,7 +209,8 @@ class Attention(nn.Module):
             q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
         if self.temperature_tuning:
             scales = temperature_scales(positions, self.floor_scale, self.attn_scale)
-            q = (q * scales[None, :, None, None]).to(q.dtype)
+            scales = scales[None] if scales.dim() == 1 else scales
+            q = (q * scales[:, :, None, None]).to(q.dtype)
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         if cache is not None:
@@ -190,7 +218,10 @@ class Attention(nn.Module):
         group = self.heads // self.kv_heads  # query heads per KV head
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
-        mask = causal_mask(positions, k.shape[2], self.chunk_size)
+        if padding is None:
+            mask = causal_mask(positions, k.shape[2], self.chunk_size)
+        else:
+            mask = padded_causal_mask(positions, padding, k.shape[2], self.chunk_size)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
         return out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
 
@@ -212,8 +243,9 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None = None,
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+        h = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, padding)
         normed = self.post_attention_layernorm(h)
         return h + self.feed_forward(normed.reshape(-1, normed.shape[-1])).view_as(h)
 
@@ -229,13 +261,23 @@ class Llama4ForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] of input_ids [B, T], after the cache's tokens when one is given.
+
+        padding: [B] int64, how many tokens at the start of each row are padding (prompts of
+        different lengths batched for generation). Each row's text then starts at position 0
+        and never attends to its padding; the same counts go with every later call on the cache.
+        """
         start = cache.length() if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        if padding is not None:
+            padding = padding.to(input_ids.device)
+            positions = (positions[None, :] - padding[:, None]).clamp_min(0)
         rope = rope_angles(positions, self.config.head_dim, self.config.rope)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, positions, rope, cache)
+            x = layer(x, positions, rope, cache, padding)
         return self.lm_head(self.norm(x))
 
     def new_cache(self) -> KVCache:
