@@ -13,7 +13,7 @@ import click
 import typer
 from rich.markup import escape
 
-from scoutq.cli import _launch, bench, evaluation, fixture, inspect, quantize, run, verify
+from scoutq.cli import _launch, bench, evaluation, fixture, inspect, quantize, run, tasks, verify
 from scoutq.cli._output import error
 from scoutq.errors import ScoutqError
 
@@ -30,6 +30,7 @@ app.command("fixture", epilog=fixture.EXAMPLES)(fixture.fixture)
 app.command("verify", epilog=verify.EXAMPLES)(verify.verify)
 app.command("eval", epilog=evaluation.EXAMPLES)(evaluation.eval_command)
 app.command("run", epilog=run.EXAMPLES)(run.run)
+app.command("tasks", epilog=tasks.EXAMPLES)(tasks.tasks)
 app.add_typer(bench.app, name="bench")
 
 

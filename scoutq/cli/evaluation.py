@@ -30,6 +30,12 @@ EXAMPLES = """Examples:
   scoutq eval out/scout-w4 --layer-walk --reference scout-ref.safetensors
 
   scoutq eval out/tiny-q4_0.gguf --reference out/tiny-trained --json gguf-report.json
+
+  scoutq eval out/tiny-w4 --reference out/tiny-trained --tasks scoutq_offline --markdown tasks.md
+
+  scoutq eval out/scout-w4 --reference ./Llama-4-Scout-17B-16E-Instruct --tasks arc_easy,hellaswag --limit 500
+
+  scoutq eval out/tiny-trained --windows documents --seq-len 2049
 """
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -59,6 +65,13 @@ def eval_command(
     save_reference: Annotated[Path | None, typer.Option(
         help="--layer-walk: store the reference's (or, without --reference, this model's) top-k "
              "log-probabilities here, for `--reference FILE` in later runs.")] = None,
+    windows: Annotated[str, typer.Option(
+        help="stream: one stream of all documents in non-overlapping windows; documents: each document "
+             "alone, every token scored once, in lm-eval's rolling windows (max_length = seq-len - 1).")] = "stream",
+    tasks: Annotated[str | None, typer.Option(
+        help="lm-evaluation-harness tasks to run too, comma-separated (scoutq_offline: the shipped offline "
+             "tasks; `scoutq tasks` lists them); on the reference as well when given.")] = None,
+    limit: Annotated[int | None, typer.Option(help="--tasks: documents per task (default: all).", min=1)] = None,
 ) -> None:
     """Evaluate a model on held-out text, against a reference model when given.
 
@@ -69,9 +82,17 @@ def eval_command(
     """
     from scoutq.evaluate.compare import compare_models
     from scoutq.evaluate.quant_error import error_tables
-    from scoutq.evaluate.report import build_report, render_markdown, routing_rows, summary_rows
+    from scoutq.evaluate.report import (
+        TASK_COLUMNS,
+        build_report,
+        render_markdown,
+        rolling_rows,
+        routing_rows,
+        summary_rows,
+        task_table,
+    )
     from scoutq.evaluate.texts import evaluation_texts
-    from scoutq.evaluate.windows import evaluation_windows
+    from scoutq.evaluate.windows import document_windows, evaluation_windows
     from scoutq.model.load import load_model
 
     if dtype not in DTYPES:
@@ -92,6 +113,19 @@ def eval_command(
         raise ScoutqError("--latency measures the resident runtime; it cannot be combined with --layer-walk")
     if save_reference is not None and not layer_walk:
         raise ScoutqError("--save-reference stores layer-walked scores; add --layer-walk")
+    if windows not in ("stream", "documents"):
+        raise ScoutqError(f"--windows {windows!r}: choose stream or documents")
+    if layer_walk and (tasks or windows != "stream"):
+        raise ScoutqError("--tasks and --windows documents run the resident model; drop --layer-walk")
+    if limit is not None and not tasks:
+        raise ScoutqError("--limit applies to --tasks; add --tasks")
+    task_names = [name.strip() for name in (tasks or "").split(",") if name.strip()]
+    if tasks is not None and not task_names:
+        raise ScoutqError("--tasks: give at least one task name (scoutq_offline runs the shipped offline tasks)")
+    if task_names:
+        from scoutq.harness.run import check_tasks
+
+        check_tasks(task_names)  # before any model loads: an unknown or unreachable task fails at once
     name, texts = evaluation_texts(dataset)
     chosen_device = resolve_device(device)
 
@@ -103,18 +137,21 @@ def eval_command(
         # A GGUF model beside a checkpoint reference is scored on the reference's own tokens (the
         # embedded vocabulary is the same; tests/gguf_files check that it tokenizes the same).
         tokens_from = reference if model_gguf and reference is not None and reference.is_dir() else model
-        windows = evaluation_windows(tokens_from, seq_len, samples, texts)
+        if windows == "documents":
+            token_windows, scored = document_windows(tokens_from, seq_len, samples, texts)
+        else:
+            token_windows, scored = evaluation_windows(tokens_from, seq_len, samples, texts), None
         candidate = load_model(model, device=chosen_device, dtype=DTYPES[dtype], backend=backend)
         reference_model = load_model(reference, device=chosen_device, dtype=DTYPES[dtype]) if reference is not None \
             else None
         with step_progress_plain() as progress:
-            task = progress.add_task("evaluate", total=windows.shape[0])
-            comparison = compare_models(candidate, reference_model, windows, batch_size,
-                                        on_batch=lambda done: progress.update(task, completed=done))
+            task = progress.add_task("evaluate", total=token_windows.shape[0])
+            comparison = compare_models(candidate, reference_model, token_windows, batch_size,
+                                        on_batch=lambda done: progress.update(task, completed=done), scored=scored)
         del reference_model
         if (reference is not None and model.is_dir() and reference.is_dir()
                 and "quantization_config" in jsonlib.loads((model / "config.json").read_text())):
-            errors = error_tables(model, reference, windows, device=chosen_device)
+            errors = error_tables(model, reference, token_windows, device=chosen_device)
         if latency:
             from scoutq.evaluate.latency import measure_latency
             from scoutq.model.quantized import kernels_used
@@ -125,11 +162,22 @@ def eval_command(
             runtime = load_model(model, device=chosen_device, dtype=torch.bfloat16, backend=backend)
             latency_report = measure_latency(runtime, runtime.config.vocab_size).to_json()
             latency_report["kernels"] = kernels_used(runtime)  # which kernels ran, with their calls
+            del runtime
+        else:
+            del candidate
+    task_report = None
+    if task_names:
+        from scoutq.harness.run import ModelSettings, evaluate_tasks
+
+        # One resident model at a time: the comparison's are gone; the harness loads each in turn.
+        settings = ModelSettings(dtype=dtype, backend=backend, device=device, batch_size=batch_size,
+                                 max_length=seq_len - 1 if windows == "documents" else None)
+        task_report = evaluate_tasks(model, reference, task_names, settings, limit)
     environment = {"scoutq": _version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "device": str(chosen_device), "dtype": "fp32" if layer_walk else dtype,
                    "backend": "layer-walk (dequantized, fp32)" if layer_walk else backend or "default"}
     report = build_report(str(model), str(reference) if reference else None, name, seq_len, comparison, errors,
-                          latency_report, environment, round(time.perf_counter() - started, 2))
+                          latency_report, environment, round(time.perf_counter() - started, 2), windows, task_report)
 
     if plots is not None:
         _write_plots(report, plots)
@@ -141,6 +189,11 @@ def eval_command(
         result_json(report)
         return
     table(f"scoutq eval: {model}", ["metric", "value"], [list(row) for row in summary_rows(report)])
+    if report["tasks"]:
+        table(f"Tasks ({report['tasks']['harness']})", TASK_COLUMNS, task_table(report))
+        if report["tasks"]["rolling"]:
+            table("Rolling tasks: token perplexity in the harness's windows",
+                  ["task", "token perplexity", "reference", "tokens"], rolling_rows(report))
     if report["routing"]:
         table("Routing per MoE layer", ["layer", "same expert as reference", "least-used expert", "most-used expert"],
               routing_rows(report))

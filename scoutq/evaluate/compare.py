@@ -144,6 +144,7 @@ def compare_models(
     windows: torch.Tensor,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    scored: torch.Tensor | None = None,
 ) -> Comparison:
     """Score the candidate (and the reference) on every window, and compare them token by token.
 
@@ -159,6 +160,9 @@ def compare_models(
         windows: [W, T] int64 token ids (`evaluation_windows`).
         batch_size: windows per forward pass; bounds memory (B * T * V logits per model).
         on_batch: called after each batch with the number of windows done so far.
+        scored: [W, T-1] bool, which targets count (`document_windows`: padding and repeated
+            context do not); every statistic, routing included (the inputs of scored targets),
+            is taken over those only. None scores every target, as above.
 
     Returns:
         A Comparison; KL, top-1 and routing agreement are None when reference is None.
@@ -167,6 +171,10 @@ def compare_models(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     _check_models(candidate, reference, windows)
     count, length = windows.shape
+    if scored is None:
+        scored = torch.ones(count, length - 1, dtype=torch.bool)
+    if scored.shape != (count, length - 1) or scored.dtype != torch.bool or not bool(scored.any(dim=1).all()):
+        raise ScoutqError(f"scored must be a [{count}, {length - 1}] bool mask with a scored token in every window")
     blocks = moe_blocks(candidate)
     experts = blocks[0][1].num_experts if blocks else 0
     counts = torch.zeros(len(blocks), experts, dtype=torch.int64)
@@ -174,47 +182,59 @@ def compare_models(
     window_nll: list[torch.Tensor] = []
     ref_window_nll: list[torch.Tensor] = []
     kl_parts: list[torch.Tensor] = []
+    window_kl: list[torch.Tensor] = []
     top1 = 0
     same_route = torch.zeros(len(blocks), dtype=torch.int64)
     routed = 0
+    per_window = scored.sum(dim=1)
+
+    def window_means(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """[B] mean of each window's scored values (values [B*(T-1)] on any device)."""
+        kept = torch.where(keep, values.view(keep.shape).cpu(), torch.zeros((), dtype=values.dtype))
+        return kept.sum(dim=1) / keep.sum(dim=1)
 
     for start in range(0, count, batch_size):
         batch = windows[start : start + batch_size]
+        keep = scored[start : start + batch_size]
+        flat_keep = keep.flatten()
         inputs, targets = batch[:, :-1], batch[:, 1:].flatten()
         logits, chosen = _run(candidate, inputs)
-        window_nll.append(token_log_probs(logits, targets).view(len(batch), -1).mean(dim=1).cpu())
+        window_nll.append(window_means(token_log_probs(logits, targets), keep))
+        chosen = [experts[flat_keep.to(experts.device)] for experts in chosen]
         _count(counts, chosen)
         if reference is not None and ref_counts is not None:
             ref_logits, ref_chosen = _run(reference, inputs)
-            ref_window_nll.append(token_log_probs(ref_logits, targets).view(len(batch), -1).mean(dim=1).cpu())
+            ref_chosen = [experts[flat_keep.to(experts.device)] for experts in ref_chosen]
+            ref_window_nll.append(window_means(token_log_probs(ref_logits, targets), keep))
             _count(ref_counts, ref_chosen)
             ref_logits = ref_logits.to(logits.device)
-            kl_parts.append(kl_divergence(ref_logits, logits).cpu())
-            top1 += int(top1_agreement(ref_logits, logits).sum())
+            kl = kl_divergence(ref_logits, logits).cpu()
+            kl_parts.append(kl[flat_keep])
+            window_kl.append(window_means(kl, keep))
+            top1 += int(top1_agreement(ref_logits, logits).cpu()[flat_keep].sum())
             for row, (ours, theirs) in enumerate(zip(chosen, ref_chosen, strict=True)):
                 same_route[row] += int(same_expert_sets(theirs, ours).sum())
-            routed += inputs.numel()
+            routed += int(flat_keep.sum())
             del ref_logits
         del logits
         if on_batch is not None:
             on_batch(min(count, start + batch_size))
 
-    scored = length - 1
     nll = torch.cat(window_nll)
     result = Comparison(
         windows=count,
-        tokens_scored=count * scored,
-        perplexity=perplexity_with_interval(nll, scored),
+        tokens_scored=int(per_window.sum()),
+        perplexity=perplexity_with_interval(nll, per_window),
         window_nll=nll,
         moe_layers=[i for i, _ in blocks],
         expert_counts=counts,
     )
     if reference is not None:
         ref_nll = torch.cat(ref_window_nll)
-        result.reference_perplexity = perplexity_with_interval(ref_nll, scored)
+        result.reference_perplexity = perplexity_with_interval(ref_nll, per_window)
         result.reference_window_nll = ref_nll
         result.reference_expert_counts = ref_counts
-        result.kl = summarize_kl(torch.cat(kl_parts), window=scored)
+        result.kl = summarize_kl(torch.cat(kl_parts), window_means=torch.cat(window_kl), window_tokens=per_window)
         result.top1_agreement = top1 / result.tokens_scored
         result.routing_agreement = {i: int(same) / routed for (i, _), same in zip(blocks, same_route, strict=True)}
     return result

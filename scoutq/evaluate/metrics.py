@@ -143,7 +143,8 @@ def _quantile(ordered: torch.Tensor, q: float) -> float:
     return float(ordered[below] * (1 - fraction) + ordered[above] * fraction)
 
 
-def summarize_kl(kl: torch.Tensor, window: int | None = None) -> dict[str, float]:
+def summarize_kl(kl: torch.Tensor, window: int | None = None, window_means: torch.Tensor | None = None,
+                 window_tokens: torch.Tensor | None = None) -> dict[str, float]:
     """Mean (with its 95% interval), median, 99th percentile and max of per-token KL.
 
     Args:
@@ -151,6 +152,8 @@ def summarize_kl(kl: torch.Tensor, window: int | None = None) -> dict[str, float
         window: tokens per window when kl is window after window ([W * window]): the interval
             then treats windows as the independent units (see perplexity_with_interval).
             None treats every token as independent, as llama.cpp does (a narrower interval).
+        window_means, window_tokens: [W] each window's mean KL and its token count, for windows
+            of different lengths: the interval is then the token-weighted one over windows.
 
     Returns:
         {"mean", "mean_low", "mean_high", "median", "p99", "max"}, floats.
@@ -158,7 +161,9 @@ def summarize_kl(kl: torch.Tensor, window: int | None = None) -> dict[str, float
     values = kl.detach().double().flatten().cpu()
     if values.numel() == 0:
         raise ValueError("cannot summarize zero KL values")
-    if window is not None:
+    if window_means is not None and window_tokens is not None:
+        mean, low, high = mean_interval(window_means, window_tokens)
+    elif window is not None:
         if window < 1 or values.numel() % window:
             raise ValueError(f"{values.numel()} KL values do not split into windows of {window}")
         mean, low, high = mean_interval(values.view(-1, window).mean(dim=1))

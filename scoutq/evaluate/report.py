@@ -3,7 +3,8 @@
     {
       "format": "scoutq-eval/1",
       "model": str, "reference": str | null,
-      "dataset": {"name": str, "seq_len": int, "windows": int, "tokens_scored": int},
+      "dataset": {"name": str, "seq_len": int, "windows": int, "tokens_scored": int,
+                  "windowing": "stream" | "documents"},
       "perplexity": {"value": float, "low": float, "high": float},        # 95% interval over windows
       "reference_perplexity": {...same...} | null,
       "perplexity_gap_pct": float | null,                                  # 100 * (ppl / ref_ppl - 1)
@@ -16,6 +17,12 @@
                              "tokens": [[int]], "shared_weight_sqnr_db": [float],
                              "shared_output_sqnr_db": [float]} | null,     # NaN written as null
       "latency": {...LatencyReport.to_json()...} | null,
+      "tasks": {"harness": str, "tasks": [str], "limit": int | null,      # `--tasks`, through lm-eval
+                "rows": [{"task", "metric", "filter", "n_shot", "higher_is_better", "samples", "value",
+                          "stderr", "reference", "reference_stderr", "recovery", "recovery_low",
+                          "recovery_high"}],                               # recovery: 1.0 = nothing lost
+                "rolling": {task: {"token_perplexity", "tokens", "documents"}},
+                "reference_rolling": {...same...} | null} | null,
       "environment": {"scoutq": str, "torch": str, "threads": int, "device": str, "dtype": str, "backend": str},
       "seconds": float
     }
@@ -73,7 +80,7 @@ def perplexity_gap_interval(window_nll: torch.Tensor, reference_window_nll: torc
 
 def build_report(model: str, reference: str | None, dataset: str, seq_len: int, comparison: Comparison,
                  errors: ErrorTables | None, latency: dict[str, Any] | None, environment: dict[str, Any],
-                 seconds: float) -> dict[str, Any]:
+                 seconds: float, windowing: str = "stream", tasks: dict[str, Any] | None = None) -> dict[str, Any]:
     gap = gap_interval = None
     if comparison.reference_perplexity is not None:
         gap = 100.0 * (comparison.perplexity.value / comparison.reference_perplexity.value - 1.0)
@@ -96,7 +103,7 @@ def build_report(model: str, reference: str | None, dataset: str, seq_len: int, 
         "model": model,
         "reference": reference,
         "dataset": {"name": dataset, "seq_len": seq_len, "windows": comparison.windows,
-                    "tokens_scored": comparison.tokens_scored},
+                    "tokens_scored": comparison.tokens_scored, "windowing": windowing},
         "perplexity": _perplexity(comparison.perplexity),
         "reference_perplexity": _perplexity(comparison.reference_perplexity),
         "perplexity_gap_pct": gap,
@@ -106,6 +113,7 @@ def build_report(model: str, reference: str | None, dataset: str, seq_len: int, 
         "routing": routing,
         "quantization_error": asdict(errors) if errors is not None else None,
         "latency": latency,
+        "tasks": tasks,
         "environment": environment,
         "seconds": seconds,
     })
@@ -160,6 +168,41 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+TASK_COLUMNS = ["task", "metric", "value ± stderr", "reference ± stderr", "recovery [95%]"]
+
+
+def task_table(report: dict[str, Any]) -> list[list[str]]:
+    """Rows of the `--tasks` table: score with its standard error, the reference's, recovery."""
+
+    def scored(value: float | None, stderr: float | None) -> str:
+        if value is None:
+            return "–"
+        return f"{_fmt(value)} ± {_fmt(stderr)}" if stderr is not None else _fmt(value)
+
+    rows = []
+    for row in (report.get("tasks") or {}).get("rows", []):
+        name = row["metric"] if row["filter"] == "none" else f"{row['metric']} ({row['filter']})"
+        recovered = "–"
+        if row["recovery"] is not None:
+            recovered = f"{100 * row['recovery']:.2f}%"
+            if row["recovery_low"] is not None:
+                recovered += f" [{100 * row['recovery_low']:.2f}%, {100 * row['recovery_high']:.2f}%]"
+        rows.append([row["task"], name, scored(row["value"], row["stderr"]),
+                     scored(row["reference"], row["reference_stderr"]), recovered])
+    return rows
+
+
+def rolling_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Token perplexity of each rolling task, from the harness's own windows."""
+    tasks = report.get("tasks") or {}
+    rows = []
+    for task, figures in (tasks.get("rolling") or {}).items():
+        reference = (tasks.get("reference_rolling") or {}).get(task)
+        rows.append([task, f"{figures['token_perplexity']:.4f}",
+                     "–" if reference is None else f"{reference['token_perplexity']:.4f}", str(figures["tokens"])])
+    return rows
+
+
 def routing_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for entry in report["routing"]:
@@ -175,7 +218,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"## Evaluation of `{report['model']}`", ""]
     if report["reference"]:
         lines += [f"Reference: `{report['reference']}`.", ""]
-    lines += [(f"{dataset['windows']} windows of {dataset['seq_len']} tokens from `{dataset['name']}` "
+    documents = " (each document alone, every token scored once, as lm-eval's rolling tasks)" \
+        if dataset.get("windowing") == "documents" else ""
+    lines += [(f"{dataset['windows']} windows of {dataset['seq_len']} tokens from `{dataset['name']}`{documents} "
               f"({dataset['tokens_scored']} scored tokens); intervals are 95% over windows."), "",
               "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in summary_rows(report)]
@@ -193,6 +238,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                                       strict=True):
             cells = ["–" if v is None else f"{v:.1f}" for v in row]
             lines.append(f"| {layer} | {'–' if shared is None else f'{shared:.1f}'} | " + " | ".join(cells) + " |")
+    tasks = report.get("tasks")
+    if tasks:
+        limit = f", first {tasks['limit']} documents per task" if tasks["limit"] else ""
+        lines += ["", f"### Tasks ({tasks['harness']}{limit})", "",
+                  "Recovery is the model's score over the reference's (the reference's over the model's for "
+                  "lower-is-better metrics); its interval pairs the two runs document by document.", "",
+                  "| " + " | ".join(TASK_COLUMNS) + " |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in task_table(report)]
+        if tasks.get("rolling"):
+            lines += ["", "| rolling task | token perplexity | reference | tokens |", "|---|---|---|---|"]
+            lines += ["| " + " | ".join(row) + " |" for row in rolling_rows(report)]
     environment = report["environment"]
     lines += ["", (f"scoutq {environment['scoutq']}, torch {environment['torch']}, {environment['device']}, "
               f"{environment['threads']} threads, {environment['dtype']}, backend {environment['backend']}."), ""]

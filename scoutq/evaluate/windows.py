@@ -6,6 +6,10 @@ Windows are cut exactly as the fixture's own evaluation cuts them (fixtures/trai
 stream of all documents, each opened by BOS, split into non-overlapping windows with the
 trailing partial window dropped. Equal-length windows need no padding, and "first N windows"
 is the same text for every model compared.
+
+`document_windows` is the other convention, the one lm-evaluation-harness's rolling
+perplexity (wikitext) uses: each document alone, every token scored once. It is what makes
+`scoutq eval --windows documents` and the harness's rolling tasks score the same predictions.
 """
 
 from __future__ import annotations
@@ -54,3 +58,50 @@ def evaluation_windows(
     if samples is not None:
         count = min(count, samples)
     return stream[: count * seq_len].view(count, seq_len).clone()  # clone: do not keep the whole stream alive
+
+
+def document_windows(
+    tokenizer_dir: Path, seq_len: int, samples: int | None, texts: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token of every document scored once, in the windows lm-evaluation-harness's rolling
+    log-likelihood uses (wikitext-style perplexity).
+
+    Each document is scored on its own, opened by BOS. Its first window predicts the first
+    seq_len - 1 tokens after BOS; each later window predicts the next seq_len - 1 tokens, seeing
+    the one token before them; the last window predicts what is left, seeing as many earlier
+    tokens as fill seq_len. This is the harness's `get_rolling_token_windows(context_len=1)`
+    with `make_disjoint_window`, for a model input of max_length = seq_len - 1 tokens.
+
+    Args: as `evaluation_windows` (samples keeps the first N windows).
+
+    Returns:
+        windows [W, seq_len] int64, right-padded with 0 where a document is shorter, and scored
+        [W, seq_len - 1] bool: True where the target token at that position is scored.
+    """
+    if seq_len < 2:
+        raise ScoutqError(f"sequence length must be at least 2 (one token of context, one scored), got {seq_len}")
+    documents = builtin_corpus().evaluation if texts is None else texts
+    tokenizer = model_tokenizer(tokenizer_dir, "evaluation")
+    predicted_per_window = seq_len - 1
+    rows: list[torch.Tensor] = []
+    scored_rows: list[torch.Tensor] = []
+    for encoding in tokenizer.encode_batch(documents):
+        tokens = torch.tensor(encoding.ids, dtype=torch.int64)  # BOS, then the document
+        body = tokens.numel() - 1
+        done = 0
+        while done < body:
+            count = min(predicted_per_window, body - done)
+            end = done + count + 1  # one past the last predicted token, in `tokens`
+            start = max(0, end - seq_len)
+            window = torch.zeros(seq_len, dtype=torch.int64)
+            window[: end - start] = tokens[start:end]
+            scored = torch.zeros(seq_len - 1, dtype=torch.bool)
+            scored[end - start - 1 - count : end - start - 1] = True
+            rows.append(window)
+            scored_rows.append(scored)
+            done += count
+    if not rows:
+        raise ScoutqError("the evaluation text has no tokens to score")
+    if samples is not None:
+        rows, scored_rows = rows[:samples], scored_rows[:samples]
+    return torch.stack(rows), torch.stack(scored_rows)

@@ -150,7 +150,8 @@ class ScoutqLM(TemplateLM):
     def get_model_info(self) -> dict[str, Any]:
         from scoutq import __version__
 
-        return {"model": str(self.path), "scoutq": __version__, "dtype": str(self.model.embed_tokens.weight.dtype)}
+        return {"pretrained": str(self.path), "scoutq": __version__,
+                "dtype": str(self.model.embed_tokens.weight.dtype), "max_length": self.max_length}
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **_: Any) -> list[int]:
         """Token ids; BOS first unless add_special_tokens is False or the text already opens with it."""
@@ -235,7 +236,7 @@ class ScoutqLM(TemplateLM):
             group.sort(key=lambda item: -len(item[1]))
             for batch in _batches(group, self.batch):
                 texts = self._generate([prompt for _, prompt, _, _ in batch], batch[0][2], batch[0][3])
-                for (index, _, until, _), text in zip(batch, texts, strict=True):
+                for (index, _, _, _), text in zip(batch, texts, strict=True):
                     results[index] = text
                     self.cache_hook.add_partial("generate_until", requests[index].args, text)
         return results
