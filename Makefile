@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 CACHE ?= .cache/scoutq
 STAMP := $(VENV)/.scoutq-installed
 
-.PHONY: install demo release test test-slow test-llama-cpp install-llama-cpp fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gguf bench-gguf-export bench-gpu bench-distributed clean
+.PHONY: install demo release test test-slow test-llama-cpp install-llama-cpp fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gguf bench-gguf-export bench-tasks bench-gpu bench-distributed clean
 
 install: $(STAMP)
 
@@ -118,6 +118,18 @@ bench-gguf: install-llama-cpp
 # (target at most 1.5 GB). Needs ~20 GB of disk.
 bench-gguf-export: install
 	$(BIN)/python -m scoutq.bench.gguf_export --layers 2 --dir $(BENCH_DIR)
+
+# Task accuracy through lm-evaluation-harness on tiny-trained: bf16 against w4a16-g128 and
+# w4a16-g128-gptaq on the offline tasks (score, stderr, recovery); reports in $(CACHE)/tasks/.
+TASKS ?= scoutq_offline
+TASK_RECIPES ?= w4a16-g128 w4a16-g128-gptaq
+bench-tasks: install
+	$(BIN)/scoutq fixture $(CACHE)/tiny-trained --preset tiny-trained --reuse
+	for recipe in $(TASK_RECIPES); do \
+		$(BIN)/scoutq quantize $(CACHE)/tiny-trained --recipe $$recipe --out $(CACHE)/tasks/tiny-$$recipe --overwrite \
+		&& $(BIN)/scoutq eval $(CACHE)/tasks/tiny-$$recipe --reference $(CACHE)/tiny-trained --tasks $(TASKS) \
+			--json $(CACHE)/tasks/$$recipe.json --markdown $(CACHE)/tasks/$$recipe.md || exit 1; \
+	done
 
 # What a lent GPU machine runs in one go: scout-layers (2 real-shape layers), RTN, the GPTQ layer
 # walk on CUDA with 1 rank and one rank per GPU (sha256 of each output), the kernel and MoE

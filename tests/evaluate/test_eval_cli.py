@@ -38,7 +38,7 @@ def test_eval_against_reference_writes_every_report(
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["format"] == "scoutq-eval/1"
     assert report["dataset"] == {"name": "builtin (evaluation split)", "seq_len": 128, "windows": 24,
-                                 "tokens_scored": 24 * 127}
+                                 "tokens_scored": 24 * 127, "windowing": "stream"}
     ppl, ref = report["perplexity"], report["reference_perplexity"]
     assert ppl["low"] < ppl["value"] < ppl["high"]
     assert report["perplexity_gap_pct"] == pytest.approx(100 * (ppl["value"] / ref["value"] - 1))

@@ -210,3 +210,38 @@ def test_tasks_command_prints_the_include_path(capsys: pytest.CaptureFixture[str
     code, out, _ = run_cli(["tasks", "--path"], capsys)
     assert code == 0 and Path(out.strip()) == harness_run.TASKS_DIR
     assert (harness_run.TASKS_DIR / "scoutq_offline.yaml").is_file()
+
+
+def test_shipped_task_data_is_what_task_data_generates() -> None:
+    """The shipped questions are exactly task_data.py's output on the corpus they record."""
+    from scoutq.harness import task_data
+
+    documents = builtin_corpus().evaluation
+    recorded = json.loads((task_data.DATA_DIR / "SOURCE.json").read_text())
+    if task_data.corpus_fingerprint(documents) != recorded["corpus_sha256"]:
+        pytest.skip("this Python's pydoc_data topics differ from those the shipped tasks were made from")
+    for name, content in task_data.task_files(documents).items():
+        assert (task_data.DATA_DIR / name).read_bytes() == content, name
+    cloze = [json.loads(line) for line in (task_data.DATA_DIR / "pydoc_cloze.jsonl").read_text().splitlines()]
+    assert all(len(q["choices"]) == task_data.CHOICES and 0 <= q["label"] < task_data.CHOICES for q in cloze)
+    assert len({q["label"] for q in cloze}) == task_data.CHOICES  # the true ending is not always in one place
+
+
+def test_gguf_file_through_the_adapter(tiny_trained: Path, adapter: ScoutqLM, tmp_path: Path) -> None:
+    """A GGUF file is a harness model too: its embedded vocabulary, its dequantized weights."""
+    from scoutq.cli.app import main
+
+    gguf = tmp_path / "tiny-q8_0.gguf"
+    try:
+        main(["quantize", str(tiny_trained), "--recipe", "gguf-q8_0", "--out", str(gguf)])
+    except SystemExit as done:
+        assert done.code in (0, None)
+    model = ScoutqLM(pretrained=str(gguf), dtype="fp32", batch_size=4, max_length=96)
+    text = builtin_corpus().evaluation[2]
+    pairs = [(text[:80], text[80:120]), (text[200:260], " and")]
+    assert [model.tok_encode(c) for c, _ in pairs] == [adapter.tok_encode(c) for c, _ in pairs]
+    results = model.loglikelihood([_request("loglikelihood", c, x) for c, x in pairs])
+    for (context, continuation), (logprob, _) in zip(pairs, results, strict=True):
+        assert logprob == pytest.approx(_own_log_prob(model, context, continuation), abs=1e-4, rel=1e-5)
+        # Q8_0 weights: close to the bf16 checkpoint's score, not equal to it.
+        assert logprob == pytest.approx(_own_log_prob(adapter, context, continuation), rel=0.05)
