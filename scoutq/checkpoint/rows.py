@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from scoutq.checkpoint.safetensors_io import DTYPES, ITEM_SIZE, TensorInfo
-from scoutq.errors import CheckpointError
+from scoutq.errors import CheckpointError, with_filename
 
 
 def _data_start(file: Path) -> int:
@@ -61,7 +61,10 @@ def _pread(info: TensorInfo, offset: int, size: int) -> bytearray:
     done = 0
     with open(info.file, "rb", buffering=0) as handle:
         while done < size:
-            got = os.preadv(handle.fileno(), [view[done:]], start + done)
+            try:
+                got = os.preadv(handle.fileno(), [view[done:]], start + done)
+            except OSError as err:  # EIO from a failing disk or network file system
+                raise with_filename(err, info.file) from err
             if got == 0:
                 raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
             done += got

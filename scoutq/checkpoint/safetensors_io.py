@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import torch
 
-from scoutq.errors import CheckpointError
+from scoutq.errors import CheckpointError, with_filename
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -154,7 +154,10 @@ class StreamingWriter:
         self._emit(header_bytes(entries, metadata))
 
     def _emit(self, data: bytes | memoryview) -> None:
-        self._handle.write(data)
+        try:
+            self._handle.write(data)
+        except OSError as err:  # a full disk, a quota, an I/O error: say which file
+            raise with_filename(err, self.path) from err
         self.sha256.update(data)
         self._unflushed += len(data)
         if self._unflushed >= FLUSH_EVERY_BYTES and (self._flusher is None or not self._flusher.is_alive()):
@@ -187,10 +190,13 @@ class StreamingWriter:
         if missing:
             self._handle.close()
             raise ValueError(f"{self.path}: tensors not completely written: {missing[:3]}")
-        self._handle.flush()
-        if self._flusher is not None:
-            self._flusher.join()
-        os.fsync(self._handle.fileno())
+        try:
+            self._handle.flush()
+            if self._flusher is not None:
+                self._flusher.join()
+            os.fsync(self._handle.fileno())
+        except OSError as err:
+            raise with_filename(err, self.path) from err
         self._handle.close()
 
     def abort(self) -> None:

@@ -1,7 +1,8 @@
 """The `scoutq` command: registers one module per command and maps errors to exit codes.
 
-Exit codes: 0 success; 1 a problem with the input (one line on stderr naming the file or
-tensor); 2 a usage error. Set SCOUTQ_DEBUG=1 to see the traceback behind an exit-1 error.
+Exit codes: 0 success; 1 a problem with the input or the machine (one line on stderr naming
+the file or tensor: bad input, a full disk, a read-only path, an I/O error); 2 a usage error.
+Set SCOUTQ_DEBUG=1 to see the traceback behind an exit-1 error.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from rich.markup import escape
 
 from scoutq.cli import _launch, bench, evaluation, fixture, inspect, quantize, run, tasks, verify
 from scoutq.cli._output import error
-from scoutq.errors import ScoutqError
+from scoutq.errors import ScoutqError, os_error_line
 
 app = typer.Typer(
     name="scoutq",
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("SCOUTQ_DEBUG"):
             raise
         error(escape(str(err)))  # a path or tensor name may contain '[...]', which rich reads as markup
+        sys.exit(1)
+    except OSError as err:  # the machine's fault (full disk, read-only, I/O error), not a bug: one line
+        if os.environ.get("SCOUTQ_DEBUG"):
+            raise
+        error(escape(os_error_line(err)))
         sys.exit(1)
     except KeyboardInterrupt:
         error("interrupted")

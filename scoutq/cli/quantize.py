@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from scoutq.calibrate.estimate import estimate_calibration_memory
 from scoutq.calibrate.job import CalibrationRun
 from scoutq.calibrate.quantizer import CalibrationSettings
+from scoutq.checkpoint.lock import output_lock
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.cli._calibration import calibration_progress, coverage_summary
 from scoutq.cli._launch import command_line, launch, without_nproc
 from scoutq.cli._output import byte_progress, console, error_console, human_bytes, result_json, table
 from scoutq.data.sets import calibration_batch, load_calibration_set
 from scoutq.errors import ScoutqError
-from scoutq.pipeline.quantize import estimate_peak_memory, quantize_checkpoint
 from scoutq.pipeline.gguf_export import estimate_export_memory, export_gguf
+from scoutq.pipeline.gguf_export import work_dir as gguf_work_dir
+from scoutq.pipeline.preflight import calibration_state_bytes, check_disk, memory_warning, require_disk
+from scoutq.pipeline.quantize import estimate_peak_memory, quantize_checkpoint, writes_signed_scales
 from scoutq.quant.gguf_plan import GgufTensor, gguf_tensors
 from scoutq.quant.plan import QuantPlan, build_plan
 from scoutq.quant.recipe import OutputFormat, Recipe, load_recipe
@@ -146,6 +151,7 @@ def quantize(
     totals = {"bytes_in": sum(r["bytes_in"] for r in rows), "bytes_out": sum(r["bytes_out"] for r in rows)}
 
     calibration_peak = None
+    state_bytes = 0
     if chosen.calibrated:
         settings = chosen.calibration
         assert settings is not None
@@ -153,10 +159,21 @@ def quantize(
         tokens = (settings.samples or cset.samples) * (settings.seq_len or cset.seq_len)
         calibration_peak = estimate_calibration_memory(checkpoint.config, tokens, settings.all_experts, chosen.gptq)
         peak = max(peak, calibration_peak)
+        state_bytes = calibration_state_bytes(totals["bytes_out"], tokens, checkpoint.config.hidden_size,
+                                              bool(chosen.gptq and chosen.gptq.fp_target))
+    disk = None
+    if out is not None:
+        work = [out, gguf_work_dir(out)] if gguf else [out]
+        disk = check_disk(out, totals["bytes_out"], 0 if gguf else min(shard_bytes, totals["bytes_out"]),
+                          state_bytes, work)
+    memory_note = memory_warning(peak, chosen.calibrated)
     if dry_run:
         if json:
             result_json({"recipe": plan.recipe.name, "plan": rows, **totals, "estimated_peak_rss_bytes": peak,
-                         "estimated_calibration_peak_rss_bytes": calibration_peak, "warnings": plan.warnings})
+                         "estimated_calibration_peak_rss_bytes": calibration_peak, "warnings": plan.warnings,
+                         "disk": None if disk is None else {"path": str(disk.path), "needed_bytes": disk.needed,
+                                                            "free_bytes": disk.free, "enough": disk.enough},
+                         "memory_warning": memory_note})
             return
         table(f"Plan: {plan.recipe.name} on {src}", ["role", "scheme", "modules", "tensors", "bytes in", "bytes out"],
               [[str(r["role"]), str(r["scheme"]), str(r["modules"]), str(r["tensors"]), human_bytes(r["bytes_in"]),  # type: ignore[arg-type]
@@ -171,12 +188,19 @@ def quantize(
                           f"({settings.samples or cset.samples} x {settings.seq_len or cset.seq_len} tokens), "
                           f"all_experts={settings.all_experts}, min_tokens={settings.min_tokens}, "
                           f"fallback={settings.fallback.value}; layer walk peak about {human_bytes(calibration_peak or 0)}")
+        if disk is not None:
+            verdict = "enough" if disk.enough else "[red]NOT enough[/]: the run would be refused"
+            console.print(f"disk: {escape(disk.line(out))}: {verdict}")  # type: ignore[arg-type]
+        if memory_note:
+            error_console.print(f"[yellow]warning:[/] {escape(memory_note)}")
         for warning in plan.warnings:
             error_console.print(f"[yellow]warning:[/] {warning}")
         return
 
-    if out is None:
+    if out is None or disk is None:
         raise ScoutqError("--out is required (or pass --dry-run)")
+    if ranks.writer:
+        require_disk(disk, out)  # before any work: hours later is too late to learn the disk is full
     for warning in plan.warnings:
         error_console.print(f"[yellow]warning:[/] {warning}")
     run = None
@@ -186,8 +210,11 @@ def quantize(
         batch = calibration_batch(load_calibration_set(settings.dataset), Path(src), settings.samples,
                                   settings.seq_len, settings.seed)
         run = CalibrationRun(batch, CalibrationSettings.from_recipe(chosen))
+    if memory_note and ranks.writer:  # after every input check, right before the work starts
+        error_console.print(f"[yellow]warning:[/] {escape(memory_note)}")
     try:
-        with calibration_progress(enabled=run is not None and ranks.writer) as (on_layer, on_step):
+        with (output_lock(out) if ranks.writer else nullcontext()), \
+                calibration_progress(enabled=run is not None and ranks.writer) as (on_layer, on_step):
             with byte_progress(plan.recipe.name, enabled=ranks.writer) as progress:
                 task = progress.add_task(f"write {plan.recipe.name}", total=totals["bytes_in"])
                 advance = lambda n: progress.advance(task, n)  # noqa: E731
@@ -223,6 +250,11 @@ def quantize(
     resumed = f", {report.shards_reused} reused from an interrupted run" if report.shards_reused else ""
     console.print(f"wrote {out}: {report.shards} shard(s){resumed}, {human_bytes(report.bytes_in)} -> "
                   f"{human_bytes(report.bytes_out)} in {report.seconds:.1f} s ({summary['throughput_gb_s']:.2f} GB/s)")
+    if writes_signed_scales(plan):
+        error_console.print("[yellow]note:[/] this output has signed (negative) int4 scales (recipe signed_scales: "
+                            "true; recorded in the manifest). vLLM's W4A16 kernels read them correctly; its Marlin "
+                            "int8-activation path (VLLM_MARLIN_INPUT_DTYPE=int8) reads them as unsigned. For that "
+                            "path, quantize with `signed_scales: false` in the recipe.")
 
 
 def with_overrides(recipe: Recipe, *, calibration: str | None, samples: int | None, seq_len: int | None,

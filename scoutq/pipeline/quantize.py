@@ -60,7 +60,7 @@ from scoutq.checkpoint.reader import INDEX_NAME, Checkpoint
 from scoutq.checkpoint.rows import read_rows
 from scoutq.checkpoint.safetensors_io import StreamingWriter, TensorInfo
 from scoutq.checkpoint.writer import atomic_path, atomic_write_json, plan_shards, read_json_state, shard_name
-from scoutq.errors import ScoutqError
+from scoutq.errors import ScoutqError, one_line
 from scoutq.pipeline.ct_config import quantization_config
 from scoutq.quant import rtn
 from scoutq.quant.packed import PackedWeight
@@ -233,7 +233,7 @@ def _ordered_results(
                 unit, owner, future = window.popleft()
                 submit_next()
                 if future is not None:
-                    yield unit, iter(future.result())
+                    yield unit, iter(_worker_result(future, unit))
                 elif owner != ranks.index:
                     yield unit, iter(ranks.receive(owner))
                 else:
@@ -243,6 +243,22 @@ def _ordered_results(
                 if future is not None:
                     future.cancel()
             raise
+
+
+def _worker_result(future: Future[list[tuple[str, torch.Tensor]]], unit: Unit) -> list[tuple[str, torch.Tensor]]:
+    """A worker thread's outputs; if it raised, one line naming the worker and what it held.
+
+    Input and machine faults (ScoutqError, OSError) pass through as they are; anything else is
+    a bug, reported on one line with its traceback kept for SCOUTQ_DEBUG=1."""
+    try:
+        return future.result()
+    except (ScoutqError, OSError):
+        raise
+    except Exception as err:
+        held = ", ".join(item.module.name for item in unit.modules)
+        raise ScoutqError(f"a quantization worker failed on {held}: {type(err).__name__}: {one_line(err)}; "
+                          "the run stopped and nothing was written for it (run the same command to resume; "
+                          "SCOUTQ_DEBUG=1 shows the traceback)") from err
 
 
 def _unit_owners(units: list[Unit], calibrated: CalibratedTensors | None, ranks: Ranks) -> list[int]:
@@ -496,9 +512,22 @@ def _finalize(
         "bytes_in": sum(item.bytes_in for item in plan.items),
         "bytes_out": sum(item.bytes_out for item in plan.items),
         **({"calibration": identity_body["calibration"]} if "calibration" in identity_body else {}),
+        "signed_scales": writes_signed_scales(plan),
     }, file_hashes)
     (dst / JOURNAL_NAME).unlink(missing_ok=True)
     shutil.rmtree(dst / CALIBRATION_DIR, ignore_errors=True)
+
+
+def writes_signed_scales(plan: QuantPlan) -> bool:
+    """Does the output hold negative weight scales? Calibrated recipes with `signed_scales` put
+    each symmetric group's largest-magnitude weight on the grid's negative end (-8 for int4), so
+    its scale carries the weight's sign. Consumers that read scales as unsigned misread them."""
+    if not plan.recipe.calibrated:
+        return False
+    from scoutq.calibrate.quantizer import CalibrationSettings
+
+    return CalibrationSettings.from_recipe(plan.recipe).signed_scales and any(
+        item.scheme is not None and item.scheme.symmetric for item in plan.quantized())
 
 
 def estimate_peak_memory(plan: QuantPlan, workers: int) -> int:

@@ -66,6 +66,9 @@ def test_calibrated_output_verifies_and_records_coverage(
     assert COVERAGE_NAME in manifest["files"]
     assert manifest["calibration"]["samples"] == 16 and manifest["calibration"]["seq_len"] == 64
     assert manifest["recipe"]["calibration"]["samples"] == 16  # the command-line override is recorded
+    assert manifest["signed_scales"] is True  # w4a16-g128-gptq: a consumer reading scales as unsigned must know
+    stored = [load_file(str(shard)) for shard in gptq_output.glob("*.safetensors")]
+    assert any(bool((t < 0).any()) for tensors in stored for name, t in tensors.items() if name.endswith("weight_scale"))
     config = Checkpoint.open(tiny_trained).config
     assert [entry["layer"] for entry in coverage["layers"]] == list(range(config.num_hidden_layers))
     for entry in coverage["layers"]:

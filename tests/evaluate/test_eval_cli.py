@@ -10,9 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.cli import run_cli
-
-from scoutq.cli.app import main
+from helpers.cli import quantize_or_fail, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -21,10 +19,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quantized_trained(tiny_trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     dst = tmp_path_factory.mktemp("eval") / "w4"
-    try:
-        main(["quantize", str(tiny_trained), "--recipe", "w4a16-g128", "--out", str(dst)])
-    except SystemExit as done:
-        assert done.code in (0, None)
+    quantize_or_fail(tiny_trained, "w4a16-g128", dst)
     return dst
 
 

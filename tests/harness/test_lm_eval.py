@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from helpers.cli import run_cli  # noqa: E402
+from helpers.cli import quantize_or_fail, run_cli  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from scoutq.data.corpus import builtin_corpus  # noqa: E402
@@ -40,13 +40,8 @@ def adapter(tiny_trained: Path) -> ScoutqLM:
 
 @pytest.fixture(scope="module")
 def quantized(tiny_trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from scoutq.cli.app import main
-
     dst = tmp_path_factory.mktemp("harness") / "w4"
-    try:
-        main(["quantize", str(tiny_trained), "--recipe", "w4a16-g128", "--out", str(dst)])
-    except SystemExit as done:
-        assert done.code in (0, None)
+    quantize_or_fail(tiny_trained, "w4a16-g128", dst)
     return dst
 
 
@@ -229,13 +224,8 @@ def test_shipped_task_data_is_what_task_data_generates() -> None:
 
 def test_gguf_file_through_the_adapter(tiny_trained: Path, adapter: ScoutqLM, tmp_path: Path) -> None:
     """A GGUF file is a harness model too: its embedded vocabulary, its dequantized weights."""
-    from scoutq.cli.app import main
-
     gguf = tmp_path / "tiny-q8_0.gguf"
-    try:
-        main(["quantize", str(tiny_trained), "--recipe", "gguf-q8_0", "--out", str(gguf)])
-    except SystemExit as done:
-        assert done.code in (0, None)
+    quantize_or_fail(tiny_trained, "gguf-q8_0", gguf)
     model = ScoutqLM(pretrained=str(gguf), dtype="fp32", batch_size=4, max_length=96)
     text = builtin_corpus().evaluation[2]
     pairs = [(text[:80], text[80:120]), (text[200:260], " and")]

@@ -17,3 +17,11 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         code = int(done.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def quantize_or_fail(src: object, recipe: str, dst: object, *extra: str) -> None:
+    """`scoutq quantize SRC --recipe R --out DST` for a fixture; fails the test on a non-zero exit."""
+    try:
+        main(["quantize", str(src), "--recipe", recipe, "--out", str(dst), *extra])
+    except SystemExit as done:
+        assert done.code in (0, None), f"quantize {recipe} exited {done.code}"
