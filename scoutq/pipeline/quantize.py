@@ -75,6 +75,13 @@ STREAMED_BYTES = 256 * 1024 * 1024  # tensors above this are processed in row bl
 BLOCK_BYTES = 32 * 1024 * 1024  # row-block size for streamed tensors
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 FAULT_ENV = "SCOUTQ_FAULT_AFTER_BYTES"  # tests: SIGKILL this process after N bytes of shard data
+FAULT_POINT_ENV = "SCOUTQ_FAULT_POINT"  # tests: SIGKILL at a named step (before-rename, before-manifest, ...)
+
+
+def fault_point(name: str) -> None:
+    """Die here, as a power cut or the OOM killer would, when the tests ask for this step."""
+    if os.environ.get(FAULT_POINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -380,6 +387,9 @@ def quantize_checkpoint(
     if finished is None:
         if on_progress:
             on_progress(bytes_in)
+        if ranks.writer:  # a run killed after its manifest, before its cleanup: finish the cleanup
+            (dst / JOURNAL_NAME).unlink(missing_ok=True)
+            shutil.rmtree(dst / CALIBRATION_DIR, ignore_errors=True)
         coverage = read_json_state(dst / COVERAGE_NAME) if calibration is not None else None
         return QuantizeReport(str(dst), identity, len(shards), len(shards), bytes_in, bytes_out,
                               time.perf_counter() - started, already_complete=True, warnings=plan.warnings,
@@ -446,6 +456,7 @@ def quantize_checkpoint(
                 # rewrite a finished shard.
                 journal["shards"][names[index]] = writer.sha256.hexdigest()
                 atomic_write_json(dst / JOURNAL_NAME, journal)
+                fault_point("before-rename")
 
     _finalize(src, dst, checkpoint, plan, shards, names, journal["shards"], identity, identity_body, coverage)
     return QuantizeReport(str(dst), identity, len(shards), len(kept), bytes_in, bytes_out,
@@ -501,6 +512,7 @@ def _finalize(
         atomic_write_json(dst / COVERAGE_NAME, coverage)
         file_hashes[COVERAGE_NAME] = file_sha256(dst / COVERAGE_NAME)
 
+    fault_point("before-manifest")
     write_manifest(dst, {
         "format": "scoutq-manifest/1",
         "identity": identity,
@@ -514,6 +526,7 @@ def _finalize(
         **({"calibration": identity_body["calibration"]} if "calibration" in identity_body else {}),
         "signed_scales": writes_signed_scales(plan),
     }, file_hashes)
+    fault_point("after-manifest")
     (dst / JOURNAL_NAME).unlink(missing_ok=True)
     shutil.rmtree(dst / CALIBRATION_DIR, ignore_errors=True)
 

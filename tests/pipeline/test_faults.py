@@ -181,3 +181,25 @@ def test_a_worker_that_raises_stops_the_run_naming_what_it_held(
                            capsys)
     assert code == 0, err
     assert _digests(dst) == clean_run
+
+
+@pytest.mark.parametrize("point", ["before-rename", "before-manifest", "after-manifest"])
+def test_sigkill_at_the_final_steps_then_resume_byte_identical(
+    point: str, tiny_trained: Path, clean_run: dict[str, str], tmp_path: Path
+) -> None:
+    """Killed between journaling a shard and renaming it, before the manifest, or after it but
+    before the journal is removed: the same command ends exactly where an uninterrupted run does."""
+    from scoutq.pipeline.quantize import FAULT_POINT_ENV
+
+    dst = tmp_path / "out"
+    command = [sys.executable, "-m", "scoutq.cli.app", "quantize", str(tiny_trained), "--recipe", "w4a16-g128",
+               "--out", str(dst), *SHARDS]
+    env = {k: v for k, v in os.environ.items() if k != "SCOUTQ_DEBUG"}
+    killed = subprocess.run(command, env={**env, FAULT_POINT_ENV: point}, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert lock_path(dst).exists()  # a SIGKILL leaves the lock: the rerun must see its owner is dead
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _digests(dst) == clean_run
+    assert not lock_path(dst).exists()
