@@ -60,6 +60,11 @@ def _pread(info: TensorInfo, offset: int, size: int) -> bytearray:
     view = memoryview(buffer)
     done = 0
     with open(info.file, "rb", buffering=0) as handle:
+        now = os.fstat(handle.fileno()).st_size
+        if info.file_size >= 0 and now != info.file_size:
+            # Rewritten or truncated under the run: its header's offsets no longer describe it.
+            raise CheckpointError(f"{info.file}: changed size while scoutq was reading it ({info.file_size:,} bytes "
+                                  f"when opened, {now:,} now); the source must not change during a run")
         while done < size:
             try:
                 got = os.preadv(handle.fileno(), [view[done:]], start + done)

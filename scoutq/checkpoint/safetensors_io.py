@@ -59,6 +59,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int
     end: int
+    file_size: int = -1  # the file's size when its header was read (-1: unknown); a read checks it
 
     @property
     def nbytes(self) -> int:
@@ -114,7 +115,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CheckpointError(
                 f"{path}: truncated: tensor {name!r} ends at byte {end} of the data but the file holds {data_size}"
             )
-        tensors[name] = TensorInfo(name, path, dtype, shape, begin, end)
+        tensors[name] = TensorInfo(name, path, dtype, shape, begin, end, size)
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 

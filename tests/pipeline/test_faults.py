@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,23 @@ def test_sigkill_at_the_final_steps_then_resume_byte_identical(
     assert resumed.returncode == 0, resumed.stderr
     assert _digests(dst) == clean_run
     assert not lock_path(dst).exists()
+
+
+def test_source_changed_or_deleted_under_the_run_is_one_line(tiny_trained: Path, tmp_path: Path) -> None:
+    from scoutq.checkpoint.reader import Checkpoint
+    from scoutq.errors import CheckpointError, os_error_line
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_trained, source)
+    checkpoint = Checkpoint.open(source)
+    name = next(iter(checkpoint.tensors))
+    shard = checkpoint.tensors[name].file
+    with open(shard, "ab") as grown:  # a shard rewritten (here: grown) after the plan was made
+        grown.write(b"\0" * 64)
+    with pytest.raises(CheckpointError, match="changed size while scoutq was reading it"):
+        checkpoint.read(name)
+    shard.unlink()  # and deleted
+    with pytest.raises(FileNotFoundError) as gone:
+        checkpoint.read(name)
+    line = os_error_line(gone.value)
+    assert str(shard) in line and "(ENOENT)" in line and "deleted while scoutq ran" in line
