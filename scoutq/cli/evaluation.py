@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ import torch
 import typer
 
 from scoutq.checkpoint.gguf_file import is_gguf
+from scoutq.checkpoint.lock import output_lock
 from scoutq.checkpoint.reader import require_directory
 from scoutq.checkpoint.writer import atomic_write_bytes, atomic_write_json
 from scoutq.cli._output import console, error_console, result_json, step_progress_plain, table
@@ -126,80 +128,88 @@ def eval_command(
         from scoutq.harness.run import check_tasks
 
         check_tasks(task_names)  # before any model loads: an unknown or unreachable task fails at once
-    name, texts = evaluation_texts(dataset)
-    chosen_device = resolve_device(device)
+    # One run per report: a second eval writing the same files is refused at once, naming this one.
+    with ExitStack() as locks:
+        for path in (json if json is not None and str(json) != "-" else None, markdown, plots, save_reference):
+            if path is not None:
+                locks.enter_context(output_lock(path))
+        name, texts = evaluation_texts(dataset)
+        chosen_device = resolve_device(device)
 
-    errors, latency_report = None, None
-    if layer_walk:
-        comparison = _walked(model, reference, stored_reference, name, texts, seq_len, samples, top_k, save_reference,
-                             chosen_device)
-    else:
-        # A GGUF model beside a checkpoint reference is scored on the reference's own tokens (the
-        # embedded vocabulary is the same; tests/gguf_files check that it tokenizes the same).
-        tokens_from = reference if model_gguf and reference is not None and reference.is_dir() else model
-        if windows == "documents":
-            token_windows, scored = document_windows(tokens_from, seq_len, samples, texts)
+        errors, latency_report = None, None
+        if layer_walk:
+            comparison = _walked(model, reference, stored_reference, name, texts, seq_len, samples, top_k,
+                                 save_reference, chosen_device)
         else:
-            token_windows, scored = evaluation_windows(tokens_from, seq_len, samples, texts), None
-        candidate = load_model(model, device=chosen_device, dtype=DTYPES[dtype], backend=backend)
-        reference_model = load_model(reference, device=chosen_device, dtype=DTYPES[dtype]) if reference is not None \
-            else None
-        with step_progress_plain() as progress:
-            task = progress.add_task("evaluate", total=token_windows.shape[0])
-            comparison = compare_models(candidate, reference_model, token_windows, batch_size,
-                                        on_batch=lambda done: progress.update(task, completed=done), scored=scored)
-        del reference_model
-        if (reference is not None and model.is_dir() and reference.is_dir()
-                and "quantization_config" in jsonlib.loads((model / "config.json").read_text())):
-            errors = error_tables(model, reference, token_windows, device=chosen_device)
-        if latency:
-            from scoutq.evaluate.latency import measure_latency
-            from scoutq.model.quantized import kernels_used
+            # A GGUF model beside a checkpoint reference is scored on the reference's own tokens (the
+            # embedded vocabulary is the same; tests/gguf_files check that it tokenizes the same).
+            tokens_from = reference if model_gguf and reference is not None and reference.is_dir() else model
+            if windows == "documents":
+                token_windows, scored = document_windows(tokens_from, seq_len, samples, texts)
+            else:
+                token_windows, scored = evaluation_windows(tokens_from, seq_len, samples, texts), None
+            candidate = load_model(model, device=chosen_device, dtype=DTYPES[dtype], backend=backend)
+            reference_model = load_model(reference, device=chosen_device, dtype=DTYPES[dtype]) \
+                if reference is not None \
+                else None
+            with step_progress_plain() as progress:
+                task = progress.add_task("evaluate", total=token_windows.shape[0])
+                comparison = compare_models(candidate, reference_model, token_windows, batch_size,
+                                            on_batch=lambda done: progress.update(task, completed=done), scored=scored)
+            del reference_model
+            if (reference is not None and model.is_dir() and reference.is_dir()
+                    and "quantization_config" in jsonlib.loads((model / "config.json").read_text())):
+                errors = error_tables(model, reference, token_windows, device=chosen_device)
+            if latency:
+                from scoutq.evaluate.latency import measure_latency
+                from scoutq.model.quantized import kernels_used
 
-            # Speed is measured as the runtime is used: bf16 activations, whatever --dtype the
-            # quality comparison ran in (the packed CPU kernels are 5-30x slower in fp32).
-            del candidate
-            runtime = load_model(model, device=chosen_device, dtype=torch.bfloat16, backend=backend)
-            latency_report = measure_latency(runtime, runtime.config.vocab_size).to_json()
-            latency_report["kernels"] = kernels_used(runtime)  # which kernels ran, with their calls
-            del runtime
-        else:
-            del candidate
-    task_report = None
-    if task_names:
-        from scoutq.harness.run import ModelSettings, evaluate_tasks
+                # Speed is measured as the runtime is used: bf16 activations, whatever --dtype the
+                # quality comparison ran in (the packed CPU kernels are 5-30x slower in fp32).
+                del candidate
+                runtime = load_model(model, device=chosen_device, dtype=torch.bfloat16, backend=backend)
+                latency_report = measure_latency(runtime, runtime.config.vocab_size).to_json()
+                latency_report["kernels"] = kernels_used(runtime)  # which kernels ran, with their calls
+                del runtime
+            else:
+                del candidate
+        task_report = None
+        if task_names:
+            from scoutq.harness.run import ModelSettings, evaluate_tasks
 
-        # One resident model at a time: the comparison's are gone; the harness loads each in turn.
-        settings = ModelSettings(dtype=dtype, backend=backend, device=device, batch_size=batch_size,
-                                 max_length=seq_len - 1 if windows == "documents" else None)
-        task_report = evaluate_tasks(model, reference, task_names, settings, limit)
-    environment = {"scoutq": _version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "device": str(chosen_device), "dtype": "fp32" if layer_walk else dtype,
-                   "backend": "layer-walk (dequantized, fp32)" if layer_walk else backend or "default"}
-    report = build_report(str(model), str(reference) if reference else None, name, seq_len, comparison, errors,
-                          latency_report, environment, round(time.perf_counter() - started, 2), windows, task_report)
+            # One resident model at a time: the comparison's are gone; the harness loads each in turn.
+            settings = ModelSettings(dtype=dtype, backend=backend, device=device, batch_size=batch_size,
+                                     max_length=seq_len - 1 if windows == "documents" else None)
+            task_report = evaluate_tasks(model, reference, task_names, settings, limit)
+        environment = {"scoutq": _version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "device": str(chosen_device), "dtype": "fp32" if layer_walk else dtype,
+                       "backend": "layer-walk (dequantized, fp32)" if layer_walk else backend or "default"}
+        report = build_report(str(model), str(reference) if reference else None, name, seq_len, comparison, errors,
+                              latency_report, environment, round(time.perf_counter() - started, 2), windows,
+                              task_report)
 
-    if plots is not None:
-        _write_plots(report, plots)
-    if markdown is not None:
-        _write_text(markdown, render_markdown(report))
-    if json is not None and str(json) != "-":
-        atomic_write_json(json, report)
-    if json is not None and str(json) == "-":
-        result_json(report)
-        return
-    table(f"scoutq eval: {model}", ["metric", "value"], [list(row) for row in summary_rows(report)])
-    if report["tasks"]:
-        table(f"Tasks ({report['tasks']['harness']})", TASK_COLUMNS, task_table(report))
-        if report["tasks"]["rolling"]:
-            table("Rolling tasks: token perplexity in the harness's windows",
-                  ["task", "token perplexity", "reference", "tokens"], rolling_rows(report))
-    if report["routing"]:
-        table("Routing per MoE layer", ["layer", "same expert as reference", "least-used expert", "most-used expert"],
-              routing_rows(report))
-    for path, what in ((json, "JSON"), (markdown, "Markdown"), (plots, "plots")):
-        if path is not None:
-            console.print(f"{what} report: {path}")
+        if plots is not None:
+            _write_plots(report, plots)
+        if markdown is not None:
+            _write_text(markdown, render_markdown(report))
+        if json is not None and str(json) != "-":
+            atomic_write_json(json, report)
+        if json is not None and str(json) == "-":
+            result_json(report)
+            return
+        table(f"scoutq eval: {model}", ["metric", "value"], [list(row) for row in summary_rows(report)])
+        if report["tasks"]:
+            table(f"Tasks ({report['tasks']['harness']})", TASK_COLUMNS, task_table(report))
+            if report["tasks"]["rolling"]:
+                table("Rolling tasks: token perplexity in the harness's windows",
+                      ["task", "token perplexity", "reference", "tokens"], rolling_rows(report))
+        if report["routing"]:
+            table("Routing per MoE layer",
+                  ["layer", "same expert as reference", "least-used expert", "most-used expert"],
+                  routing_rows(report))
+        for path, what in ((json, "JSON"), (markdown, "Markdown"), (plots, "plots")):
+            if path is not None:
+                console.print(f"{what} report: {path}")
 
 
 def _walked(model: Path, reference: Path | None, stored: bool, dataset: str, texts: list[str] | None, seq_len: int,

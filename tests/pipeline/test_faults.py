@@ -224,3 +224,22 @@ def test_source_changed_or_deleted_under_the_run_is_one_line(tiny_trained: Path,
         checkpoint.read(name)
     line = os_error_line(gone.value)
     assert str(shard) in line and "(ENOENT)" in line and "deleted while scoutq ran" in line
+
+
+def test_eval_writing_reports_held_by_another_run_is_refused(tiny_trained: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    report = tmp_path / "report.json"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_path(report).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": 0}))
+        code, _, err = run_cli(["eval", str(tiny_trained), "--samples", "2", "--json", str(report)], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 1 and f"is being written by pid {holder.pid}" in " ".join(err.split())
+    assert not report.exists()
+    code, _, err = run_cli(["eval", str(tiny_trained), "--samples", "2", "--json", str(report)], capsys)
+    assert code == 0, err
+    assert report.is_file() and not lock_path(report).exists()
