@@ -23,7 +23,13 @@ from scoutq.data.sets import calibration_batch, load_calibration_set
 from scoutq.errors import ScoutqError
 from scoutq.pipeline.gguf_export import estimate_export_memory, export_gguf
 from scoutq.pipeline.gguf_export import work_dir as gguf_work_dir
-from scoutq.pipeline.preflight import calibration_state_bytes, check_disk, memory_warning, require_disk
+from scoutq.pipeline.preflight import (
+    calibration_state_bytes,
+    check_disk,
+    memory_warning,
+    require_disk,
+    require_writable,
+)
 from scoutq.pipeline.quantize import estimate_peak_memory, quantize_checkpoint, writes_signed_scales
 from scoutq.quant.gguf_plan import GgufTensor, gguf_tensors
 from scoutq.quant.plan import QuantPlan, build_plan
@@ -200,7 +206,8 @@ def quantize(
     if out is None or disk is None:
         raise ScoutqError("--out is required (or pass --dry-run)")
     if ranks.writer:
-        require_disk(disk, out)  # before any work: hours later is too late to learn the disk is full
+        require_writable(out)  # before any work: hours later is too late to learn the disk is full
+        require_disk(disk, out)
     for warning in plan.warnings:
         error_console.print(f"[yellow]warning:[/] {warning}")
     run = None

@@ -13,6 +13,7 @@ commit replaces the other). What a resumed run already wrote at DST counts as do
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from rich.filesize import decimal as human_bytes
 
-from scoutq.errors import ScoutqError
+from scoutq.errors import ScoutqError, os_error_line
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ def check_disk(target: Path, bytes_out: int, largest_piece: int, state_bytes: in
     needed = max(0, bytes_out + largest_piece + state_bytes - done)
     where = existing_ancestor(target)
     return DiskCheck(where, needed, shutil.disk_usage(where).free)
+
+
+def require_writable(target: Path) -> None:
+    """A read-only file system at DST (root's writes fail there too) is refused before any work."""
+    where = existing_ancestor(target)
+    if os.statvfs(where).f_flag & os.ST_RDONLY:
+        raise ScoutqError(os_error_line(OSError(errno.EROFS, os.strerror(errno.EROFS), str(where))))
 
 
 def require_disk(check: DiskCheck, target: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,74 @@ def test_eval_writing_reports_held_by_another_run_is_refused(tiny_trained: Path,
     code, _, err = run_cli(["eval", str(tiny_trained), "--samples", "2", "--json", str(report)], capsys)
     assert code == 0, err
     assert report.is_file() and not lock_path(report).exists()
+
+
+# -- a real size-limited and a real read-only file system, where this machine lets root mount --
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """mount_tmpfs(size="9m", read_only=False) -> a fresh tmpfs mount point; skips where mounting
+    is not allowed (not root, or a container without CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                              text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); the injected "
+                        "faults above cover the same paths")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", str(point)], capture_output=True, check=False)
+
+
+def test_real_small_file_system_is_refused_before_any_work(
+    tiny_trained: Path, mount_tmpfs: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = mount_tmpfs("4m")
+    code, _, err = run_cli(["quantize", str(tiny_trained), "--recipe", "w4a16-g128", "--out", str(small / "out"),
+                            *SHARDS], capsys)
+    line = " ".join(err.split())
+    assert code == 1 and "not enough disk space" in line and str(small) in line, err
+    assert list(small.iterdir()) == []
+
+
+def test_real_enospc_mid_run_then_resume_after_space_is_freed(
+    tiny_trained: Path, clean_run: dict[str, str], mount_tmpfs: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk fills after the pre-flight (another job writing there): the kernel's own ENOSPC."""
+    small = mount_tmpfs("5m")
+    dst = small / "out"
+    with monkeypatch.context() as patch:  # the pre-flight saw enough space; then someone else took it
+        patch.setattr(preflight.shutil, "disk_usage", lambda _: type("Usage", (), {"free": 1 << 40})())
+        code, _, err = run_cli(["quantize", str(tiny_trained), "--recipe", "w4a16-g128", "--out", str(dst),
+                                *SHARDS], capsys)
+    line = " ".join(err.split())
+    assert code == 1 and "No space left on device (ENOSPC)" in line and "Traceback" not in err, err
+    assert not (dst / "scoutq-manifest.json").exists()
+    grown = subprocess.run(["mount", "-o", "remount,size=64m", str(small)], capture_output=True, text=True,
+                           check=False)
+    assert grown.returncode == 0, grown.stderr  # "free space"
+    code, out, err = run_cli(["quantize", str(tiny_trained), "--recipe", "w4a16-g128", "--out", str(dst), *SHARDS],
+                             capsys)
+    assert code == 0, err
+    assert "reused from an interrupted run" in out
+    assert _digests(dst) == clean_run
+
+
+def test_real_read_only_destination_is_one_line(tiny_trained: Path, mount_tmpfs: Callable[..., Path],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    read_only = mount_tmpfs("1m", read_only=True)
+    code, _, err = run_cli(["quantize", str(tiny_trained), "--recipe", "w4a16-g128", "--out",
+                            str(read_only / "out")], capsys)
+    line = " ".join(err.split())
+    assert code == 1 and "Read-only file system (EROFS)" in line and str(read_only) in line, err
+    assert "Traceback" not in err and "choose another --out" in line  # refused before any work
