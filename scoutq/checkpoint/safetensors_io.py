@@ -203,4 +203,7 @@ class StreamingWriter:
     def abort(self) -> None:
         if self._flusher is not None:
             self._flusher.join()
-        self._handle.close()
+        try:
+            self._handle.close()  # flushes what is buffered, which can fail the same way (a full disk)
+        except OSError:
+            pass  # the partial file is discarded: the error that stopped the write is the one to report

@@ -296,6 +296,7 @@ def test_real_enospc_mid_run_then_resume_after_space_is_freed(
                                 *SHARDS], capsys)
     line = " ".join(err.split())
     assert code == 1 and "No space left on device (ENOSPC)" in line and "Traceback" not in err, err
+    assert f"{dst}/.model-" in line  # the file being written, named
     assert not (dst / "scoutq-manifest.json").exists()
     grown = subprocess.run(["mount", "-o", "remount,size=64m", str(small)], capture_output=True, text=True,
                            check=False)
