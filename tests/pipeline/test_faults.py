@@ -60,7 +60,7 @@ class _FailingFile:
 
 @pytest.mark.parametrize(("code", "said"), [(errno.ENOSPC, "No space left on device (ENOSPC)"),
                                             (errno.EDQUOT, "(EDQUOT)"), (errno.EROFS, "Read-only file system (EROFS)"),
-                                            (errno.EIO, "(EIO)")])
+                                            (errno.EIO, "(EIO)"), (errno.EACCES, "Permission denied (EACCES)")])
 def test_write_fault_is_one_line_and_the_rerun_resumes_byte_identical(
     code: int, said: str, tiny_trained: Path, clean_run: dict[str, str], tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
