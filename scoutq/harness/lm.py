@@ -57,6 +57,16 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _positive(name: str, value: object, least: int) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ScoutqError(f"scoutq model_args {name}={value!r}: expected a whole number") from None
+    if number < least:
+        raise ScoutqError(f"scoutq model_args {name}={value}: must be at least {least}")
+    return number
+
+
 def _max_positions(path: Path) -> int:
     from scoutq.checkpoint.config import read_config_json
     from scoutq.checkpoint.gguf_file import GgufFile, is_gguf
@@ -94,24 +104,22 @@ class ScoutqLM(TemplateLM):
         super().__init__()
         if unused:
             log.warning("scoutq: ignoring model_args %s", ", ".join(sorted(unused)))
+        # Every argument is checked before the model loads (minutes, for Scout).
         if str(dtype) not in DTYPES:
             raise ScoutqError(f"scoutq model_args dtype={dtype!r}: choose bf16 or fp32")
+        self.batch = DEFAULT_BATCH if str(batch_size).startswith("auto") else _positive("batch_size", batch_size, 1)
         self.path = Path(pretrained)
-        self._device = self._pick_device(device)
-        self.model = load_model(self.path, device=self._device, dtype=DTYPES[str(dtype)], backend=backend)
+        self.max_gen_toks = _positive("max_gen_toks", max_gen_toks, 1)
+        self._max_length = _positive("max_length", max_length, 2) if max_length else \
+            min(DEFAULT_MAX_LENGTH, _max_positions(self.path))
         self.tokenizer_ = model_tokenizer(self.path, "the lm-eval adapter")
         bos, ends = special_token_ids(self.path)
         if bos is None:
             raise ScoutqError(f"{self.path}: no bos_token_id in its config; the adapter opens every text with BOS")
         self.bos, self.ends = bos, ends
         self.bos_text = self.tokenizer_.id_to_token(bos)
-        self.batch = DEFAULT_BATCH if str(batch_size).startswith("auto") else int(batch_size)
-        if self.batch < 1:
-            raise ScoutqError(f"scoutq model_args batch_size={batch_size}: must be at least 1")
-        self._max_length = int(max_length) if max_length else min(DEFAULT_MAX_LENGTH, _max_positions(self.path))
-        if self._max_length < 2:
-            raise ScoutqError(f"scoutq model_args max_length={max_length}: must be at least 2")
-        self.max_gen_toks = int(max_gen_toks)
+        self._device = self._pick_device(device)
+        self.model = load_model(self.path, device=self._device, dtype=DTYPES[str(dtype)], backend=backend)
 
     @staticmethod
     def _pick_device(spec: str | None) -> torch.device:

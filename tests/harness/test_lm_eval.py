@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from helpers.cli import quantize_or_fail, run_cli  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from scoutq.data.corpus import builtin_corpus  # noqa: E402
+from scoutq.errors import ScoutqError  # noqa: E402
 from scoutq.evaluate.compare import compare_models  # noqa: E402
 from scoutq.evaluate.metrics import token_log_probs  # noqa: E402
 from scoutq.evaluate.windows import document_windows  # noqa: E402
@@ -108,6 +110,16 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_trained: Path, adap
 def test_sampling_is_refused(adapter: ScoutqLM) -> None:
     with pytest.raises(Exception, match="greedily"):
         adapter.generate_until([_request("generate_until", "x", {"do_sample": True, "temperature": 0.7})])
+
+
+@pytest.mark.parametrize(("args", "named"), [({"batch_size": "0"}, "batch_size=0"),
+                                             ({"max_length": "one"}, "max_length='one'"),
+                                             ({"max_gen_toks": "0"}, "max_gen_toks=0"),
+                                             ({"dtype": "fp8"}, "dtype='fp8'")])
+def test_bad_model_args_are_one_line_before_the_model_loads(args: dict[str, str], named: str, tmp_path: Path) -> None:
+    # The path does not exist: a load would fail differently, so the message shows the check came first.
+    with pytest.raises(ScoutqError, match=re.escape(named)):
+        ScoutqLM(pretrained=str(tmp_path / "absent"), **args)
 
 
 @pytest.mark.parametrize("which", ["bf16", "quantized"])
