@@ -37,7 +37,7 @@ from scoutq.checkpoint.config import TextConfig
 from scoutq.quant.packed import PackedWeight
 from scoutq.quant.plan import QuantPlan
 from scoutq.stream.hooks import ExpertInput, ModuleInput, MoeInputs, ProgressFn, Weights, Windows
-from scoutq.stream.processes import Ranks
+from scoutq.stream.processes import Ranks, note_work
 from scoutq.stream.walk import Hidden, LayerStream
 
 FAULT_IN_LAYER_ENV = "SCOUTQ_FAULT_IN_LAYER"  # tests: SIGKILL rank SCOUTQ_FAULT_RANK before this layer's experts
@@ -81,6 +81,14 @@ def _joined(parts: list[torch.Tensor | None], device: torch.device) -> torch.Ten
     return None if parts[0] is None else torch.cat(parts).to(device)  # type: ignore[arg-type]
 
 
+def _modules(names: tuple[str, ...]) -> str:
+    """`a.q_proj, a.k_proj, a.v_proj` as `a.{q_proj,k_proj,v_proj}`: the tensors a rank holds."""
+    prefix = names[0].rpartition(".")[0]
+    if len(names) > 1 and all(name.rpartition(".")[0] == prefix for name in names):
+        return f"{prefix}.{{{','.join(name.rpartition('.')[2] for name in names)}}}"
+    return ", ".join(names)
+
+
 class ModuleSharingClient(CalibratingClient):
     """CalibratingClient whose module groups are quantized by their owner rank; see the module docstring."""
 
@@ -116,6 +124,7 @@ class ModuleSharingClient(CalibratingClient):
         gathered = self.ranks.gather(local, owner)
         packed: Packed | None = None
         if gathered is not None:
+            note_work(self.ranks.index, f"quantizing {_modules(names)}")
             device = self.stream.device
             whole = ModuleInput(torch.cat([x for x, _, _ in gathered]).to(device),
                                 None if inputs.reference is None else torch.cat([r for _, r, _ in gathered]).to(device),
@@ -123,6 +132,7 @@ class ModuleSharingClient(CalibratingClient):
             del gathered
             quantize(names, weights, whole)
             packed = self._take(names)
+            note_work(self.ranks.index, f"exchanging the weights of {_modules(names)}")
         return self._use(names, weights, self.ranks.broadcast(packed, owner))
 
     def _take(self, names: tuple[str, ...]) -> Packed:
@@ -140,8 +150,6 @@ class ModuleSharingClient(CalibratingClient):
 
     def before_experts(self, moe: MoeInputs) -> None:
         self._ahead = {}
-        if moe.layer == self._fault_layer:  # tests: this rank dies in the middle of a layer
-            os.kill(os.getpid(), signal.SIGKILL)
         layer = moe.layer
         mine = [expert for expert in range(self.stream.config.num_local_experts)
                 if self._owner[self.stream.expert_names(layer, expert)[0]] == self.ranks.index]
@@ -160,8 +168,12 @@ class ModuleSharingClient(CalibratingClient):
         for expert in mine:
             self.progress(f"expert {expert} (this rank's)", 2 + expert, 2 + self.stream.config.num_local_experts)
             names = self.stream.expert_names(layer, expert)
+            note_work(self.ranks.index, f"quantizing {_modules(names)}")
+            if layer == self._fault_layer:  # tests: this rank dies in the middle of a layer
+                os.kill(os.getpid(), signal.SIGKILL)
             super().expert(names, self.stream.weights.expert(layer, expert), whole.expert(expert))
             self._ahead[expert] = (self._take(names), self.result.experts.pop())
+        note_work(self.ranks.index, f"exchanging layer {layer}'s routed experts")
 
     def expert(self, names: tuple[str, str, str], weights: Weights, inputs: ExpertInput) -> Weights:
         owner = self._owner[names[0]]

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from scoutq.cli._output import error
-from scoutq.stream.processes import free_port, rank_environment
+from scoutq.stream.processes import WORK_NOTE_ENV, free_port, rank_environment, read_work_note
 
 POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 10.0
@@ -44,9 +44,10 @@ def launch(argv: list[str], nproc: int) -> int:
     """Run `scoutq <argv>` as `nproc` ranks; returns the exit code for the whole run."""
     port = free_port()
     logs = [None] + [tempfile.TemporaryFile() for _ in range(1, nproc)]
+    notes = tempfile.TemporaryDirectory(prefix="scoutq-ranks-")  # what each rank is working on
     ranks = []
     for rank in range(nproc):
-        env = {**os.environ, **rank_environment(rank, nproc, port)}
+        env = {**os.environ, **rank_environment(rank, nproc, port), WORK_NOTE_ENV: notes.name}
         quiet = logs[rank]
         ranks.append(subprocess.Popen([sys.executable, "-m", "scoutq", *argv], env=env,
                                       stdout=quiet if quiet else None, stderr=quiet if quiet else None))
@@ -56,7 +57,7 @@ def launch(argv: list[str], nproc: int) -> int:
             failed = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
             if failed is not None:
                 codes = _stop(ranks)
-                return _report(codes, logs)
+                return _report(codes, logs, notes.name)
             if all(code == 0 for code in codes):
                 return 0
             time.sleep(POLL_SECONDS)
@@ -71,6 +72,7 @@ def launch(argv: list[str], nproc: int) -> int:
         for log in logs:
             if log is not None:
                 log.close()
+        notes.cleanup()
 
 
 def _stop(ranks: list[subprocess.Popen]) -> list[int]:
@@ -92,13 +94,15 @@ def _stop(ranks: list[subprocess.Popen]) -> list[int]:
     return [int(process.returncode) for process in ranks]
 
 
-def _report(codes: list[int], logs: list) -> int:
-    """One line naming the rank that failed first in kind: a rank that died, else rank 0's own
-    error line (already printed), else the first failed rank with its last line of output."""
+def _report(codes: list[int], logs: list, notes: str) -> int:
+    """One line naming the rank that failed first in kind: a rank that died (with the modules it
+    was quantizing, from its work note), else rank 0's own error line (already printed), else the
+    first failed rank with its last line of output."""
     died = next((rank for rank, code in enumerate(codes) if code < 0 and code != -signal.SIGTERM), None)
     if died is not None:
-        error(f"rank {died} died ({signal.Signals(-codes[died]).name}); the other ranks were stopped. "
-              "Run the same command again to resume")
+        doing = read_work_note(notes, died)
+        error(f"rank {died} died ({signal.Signals(-codes[died]).name}){' while ' + doing if doing else ''}; "
+              "the other ranks were stopped. Run the same command again to resume")
         return 1
     if codes[0] > 0:
         return codes[0]
@@ -108,5 +112,7 @@ def _report(codes: list[int], logs: list) -> int:
         logs[rank].seek(0)
         lines = [line.strip() for line in logs[rank].read().decode(errors="replace").splitlines() if line.strip()]
         last = lines[-1] if lines else ""
-    error(f"rank {rank} exited with code {codes[rank]}{': ' + last if last else ''}")
+    doing = read_work_note(notes, rank)
+    error(f"rank {rank} exited with code {codes[rank]}{' while ' + doing if doing else ''}"
+          f"{': ' + last if last else ''}")
     return 1

@@ -32,7 +32,7 @@ from scoutq.calibrate.estimate import RUNTIME_BASE_BYTES
 from scoutq.calibrate.job import CalibrationRun, LayerProgressFn, check_ranks, run_calibration
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.checkpoint.writer import atomic_write_json, fsync_path, read_json_state
-from scoutq.errors import ScoutqError
+from scoutq.errors import ScoutqError, with_filename
 from scoutq.pipeline.gguf_data import ROW_BLOCK_BYTES, TensorData
 from scoutq.pipeline.gguf_metadata import ALIGNMENT, header_bytes, read_identity
 from scoutq.pipeline.quantize import FAULT_ENV, SINGLE, QuantizeReport, _identity_hash, run_identity
@@ -169,10 +169,19 @@ def _resume_point(work: Path, identity: str, header: bytes, tensors: list[GgufTe
 
 def _write(path: Path, header: bytes, tensors: list[GgufTensor], done: list[str], data: TensorData, identity: str,
            journal_path: Path, on_progress: Callable[[int], None] | None) -> None:
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     journal: dict[str, Any] = {"identity": identity, "tensors": list(done)}
     offset = _padded(len(header)) + sum(_padded(t.nbytes) for t in tensors[: len(done)])
     mode = "r+b" if done else "wb"
+    try:
+        _write_tensors(path, mode, header, tensors, done, data, journal, journal_path, offset, on_progress)
+    except OSError as err:  # a write, truncate or fsync on the open handle names no file
+        raise with_filename(err, path) from err
+
+
+def _write_tensors(path: Path, mode: str, header: bytes, tensors: list[GgufTensor], done: list[str],
+                   data: TensorData, journal: dict[str, Any], journal_path: Path, offset: int,
+                   on_progress: Callable[[int], None] | None) -> None:
+    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     written = 0
     with path.open(mode) as handle:
         if not done:

@@ -17,6 +17,7 @@ after COLLECTIVE_TIMEOUT, so a rank whose peer died fails with an error instead 
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import os
 import socket
@@ -102,6 +103,30 @@ class Ranks:
             torch.distributed.barrier()
 
 
+WORK_NOTE_ENV = "SCOUTQ_RANK_NOTES"  # set by `--nproc`: a folder where each rank notes what it is doing
+
+
+def note_work(rank: int, what: str) -> None:
+    """Record what rank `rank` is working on, for the launcher's line if the rank dies (a killed
+    process cannot say it). A few bytes per module, replaced atomically; a no-op without --nproc."""
+    folder = os.environ.get(WORK_NOTE_ENV)
+    if not folder:
+        return
+    path = os.path.join(folder, f"rank-{rank}")
+    with open(path + ".tmp", "w", encoding="utf-8") as note:
+        note.write(what)
+    os.replace(path + ".tmp", path)
+
+
+def read_work_note(folder: str, rank: int) -> str | None:
+    """What rank `rank` last noted it was working on, if anything."""
+    try:
+        with open(os.path.join(folder, f"rank-{rank}"), encoding="utf-8") as note:
+            return note.read().strip() or None
+    except OSError:
+        return None
+
+
 def launched_ranks() -> int:
     """WORLD_SIZE from the environment (torchrun's, or scoutq's own launcher's); 1 without one."""
     try:
@@ -157,4 +182,13 @@ def join(device: torch.device | None = None) -> Ranks:
     # has: the bytes then do not depend on the number of ranks (set OMP_NUM_THREADS alike for
     # runs that are compared).
     torch.set_num_threads(threads)
+    # Leave the group before the interpreter exits, on success and on error alike: a process that
+    # exits with it still open can abort in the C++ teardown of its threads ("terminate called
+    # without an active exception", SIGABRT) and would be reported as a rank that died.
+    atexit.register(_leave)
     return Ranks(state.process_index, state.num_processes)
+
+
+def _leave() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -207,6 +207,38 @@ def test_sigkill_at_the_final_steps_then_resume_byte_identical(
     assert not lock_path(dst).exists()
 
 
+def test_gguf_export_disk_full_is_one_line_and_the_rerun_resumes_byte_identical(
+    tiny_trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ENOSPC from fsync (where a delayed-allocation file system reports a full disk) on the GGUF
+    writer's open file: the line names the work file, and the rerun continues from its journal."""
+    from scoutq.pipeline import gguf_export
+
+    clean = tmp_path / "clean.gguf"
+    quantize_or_fail(tiny_trained, "gguf-q4_0", clean)
+    dst = tmp_path / "out.gguf"
+    real_fsync, calls = os.fsync, [0]
+
+    def filling_fsync(descriptor: int) -> None:
+        calls[0] += 1
+        if calls[0] == 12:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(descriptor)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_export.os, "fsync", filling_fsync)
+        failed, _, err = run_cli(["quantize", str(tiny_trained), "--recipe", "gguf-q4_0", "--out", str(dst)], capsys)
+    line = " ".join(err.split())
+    assert failed == 1 and "Traceback" not in err and "No space left on device (ENOSPC)" in line, err
+    assert str(gguf_export.work_dir(dst)) in line, line
+    assert not dst.exists()  # nothing that looks complete
+    journal = json.loads((gguf_export.work_dir(dst) / gguf_export.JOURNAL).read_text())
+    assert journal["tensors"], "the tensors written before the fault are journaled for the rerun"
+    resumed, out, err = run_cli(["quantize", str(tiny_trained), "--recipe", "gguf-q4_0", "--out", str(dst)], capsys)
+    assert resumed == 0, err
+    assert dst.read_bytes() == clean.read_bytes()
+
+
 def test_source_changed_or_deleted_under_the_run_is_one_line(tiny_trained: Path, tmp_path: Path) -> None:
     from scoutq.checkpoint.reader import Checkpoint
     from scoutq.errors import CheckpointError, os_error_line
