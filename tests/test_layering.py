@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"checkpoint"},
     {"data"},
     {"quant"},
-    {"kernels"},
+    {"kernels", "foreign"},
     {"model"},
     {"stream"},
     {"calibrate", "evaluate"},

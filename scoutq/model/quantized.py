@@ -17,11 +17,11 @@ from torch import nn
 
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import CheckpointError
+from scoutq.foreign import WeightSource, weight_source
 from scoutq.kernels import Backend, QuantMatmul, prepare
 from scoutq.model.llama4 import Llama4ForCausalLM
 from scoutq.model.moe import ExpertGroups
-from scoutq.quant.ct_schema import QuantGroup, group_for, parse_quantization_config
-from scoutq.quant.packed import SUFFIXES, PackedWeight
+from scoutq.quant.packed import PackedWeight
 
 
 def method_of(matmul: object, rows: int) -> str:
@@ -99,16 +99,6 @@ def concat_rows(weights: list[PackedWeight]) -> PackedWeight:
                         zeros, (sum(w.shape[0] for w in weights), first.shape[1]))
 
 
-def _packed(checkpoint: Checkpoint, module: str, group: QuantGroup) -> PackedWeight:
-    tensors = {suffix: checkpoint.read(f"{module}.{suffix}") for suffix in SUFFIXES
-               if f"{module}.{suffix}" in checkpoint.tensors}
-    missing = {"weight_packed", "weight_scale", "weight_shape"} - tensors.keys()
-    if missing:
-        raise CheckpointError(f"{checkpoint.directory}: module {module!r} is quantized by {group.name} but has no "
-                              f"{sorted(missing)[0]}")
-    return PackedWeight.from_state(tensors, group.scheme)
-
-
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
@@ -116,10 +106,11 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def load_quantized(checkpoint: Checkpoint, device: str | torch.device, dtype: torch.dtype,
                    backend: Backend) -> Llama4ForCausalLM:
-    """Build the model from a compressed-tensors pack-quantized checkpoint written by scoutq."""
+    """Build the model from a quantized checkpoint: scoutq's compressed-tensors output or any
+    format scoutq.foreign reads. Packed weights run on the packed kernels; weights a format can
+    only give dense (act-order groups, bitsandbytes) are dequantized once at load."""
     config, layout = checkpoint.config, checkpoint.layout
-    config_path = checkpoint.directory / "config.json"
-    groups, ignore = parse_quantization_config(config_path, checkpoint.config_json["quantization_config"])
+    source = weight_source(checkpoint)
     with torch.device("meta"):
         model = Llama4ForCausalLM(config)
     state: dict[str, torch.Tensor] = {}
@@ -128,11 +119,13 @@ def load_quantized(checkpoint: Checkpoint, device: str | torch.device, dtype: to
         return checkpoint.read(key).to(device=device, dtype=dtype)
 
     def linear(param_path: str, module: str) -> None:
-        group = group_for(module, groups, ignore, config_path)
-        if group is None:
+        found = source.weight(module)
+        if found is None:
             state[f"{param_path}.weight"] = dense(f"{module}.weight")
+        elif isinstance(found, PackedWeight):
+            _set_module(model, param_path, QuantLinear(prepare(found, backend, device)))
         else:
-            _set_module(model, param_path, QuantLinear(prepare(_packed(checkpoint, module, group), backend, device)))
+            state[f"{param_path}.weight"] = found.to(device=device, dtype=dtype)
 
     state["embed_tokens.weight"] = dense(layout.embed_key)
     state["norm.weight"] = dense(layout.norm_key)
@@ -147,7 +140,7 @@ def load_quantized(checkpoint: Checkpoint, device: str | torch.device, dtype: to
         if config.is_moe_layer(i):
             state[f"layers.{i}.feed_forward.router.weight"] = dense(layout.layer_key(i, "feed_forward.router.weight"))
             parts += [f"feed_forward.shared_expert.{p}_proj" for p in ("gate", "up", "down")]
-            _load_experts(checkpoint, model, state, i, groups, ignore, device, dtype, backend)
+            _load_experts(checkpoint, source, model, state, i, device, dtype, backend)
         else:
             parts += [f"feed_forward.{p}_proj" for p in ("gate", "up", "down")]
         for part in parts:
@@ -159,29 +152,48 @@ def load_quantized(checkpoint: Checkpoint, device: str | torch.device, dtype: to
     return model.eval().requires_grad_(False)
 
 
-def _load_experts(checkpoint: Checkpoint, model: Llama4ForCausalLM, state: dict[str, torch.Tensor], layer: int,
-                  groups: list[QuantGroup], ignore: tuple[str, ...], device: str | torch.device, dtype: torch.dtype,
+def _load_experts(checkpoint: Checkpoint, source: WeightSource, model: Llama4ForCausalLM,
+                  state: dict[str, torch.Tensor], layer: int, device: str | torch.device, dtype: torch.dtype,
                   backend: Backend) -> None:
+    """A layer's routed experts: packed (QuantExperts, or the grouped GPU kernel) when every one is
+    a PackedWeight, else stacked dense; fused 3-D tensors (a format that left experts unquantized)
+    are read as the bf16 loader reads them."""
     layout, experts = checkpoint.layout, checkpoint.config.num_local_experts
-    config_path = checkpoint.directory / "config.json"
+    prefix = f"layers.{layer}.feed_forward.experts."
+    if layout.gate_up_key(layer) in checkpoint.tensors:  # fused [E, in, out]: nn.Linear's [E, out, in]
+        state[prefix + "gate_up"] = dense_fused(checkpoint.read(layout.gate_up_key(layer)), device, dtype)
+        state[prefix + "down"] = dense_fused(checkpoint.read(layout.down_key(layer)), device, dtype)
+        return
     names = {(e, p): layout.layer_key(layer, f"feed_forward.experts.{e}.{p}_proj")
              for e in range(experts) for p in ("gate", "up", "down")}
-    chosen = {key: group_for(name, groups, ignore, config_path) for key, name in names.items()}
-    if all(group is None for group in chosen.values()):  # unquantized per-expert Linears: stack them
-        gate_up = [torch.cat([checkpoint.read(names[(e, "gate")] + ".weight"), checkpoint.read(names[(e, "up")] + ".weight")])
-                   for e in range(experts)]
-        prefix = f"layers.{layer}.feed_forward.experts."
-        state[prefix + "gate_up"] = torch.stack(gate_up).to(device=device, dtype=dtype)
-        state[prefix + "down"] = torch.stack([checkpoint.read(names[(e, "down")] + ".weight")
-                                              for e in range(experts)]).to(device=device, dtype=dtype)
+    found = {key: source.weight(name) for key, name in names.items()}
+    packed = {key: weight for key, weight in found.items() if isinstance(weight, PackedWeight)}
+    if len(packed) == len(found) and _fusable(packed, experts):
+        fused = [concat_rows([packed[(e, "gate")], packed[(e, "up")]]) for e in range(experts)]
+        downs = [packed[(e, "down")] for e in range(experts)]
+        if backend == Backend.CUDA:
+            module: nn.Module = GroupedExperts(fused, downs, device)
+        else:
+            module = QuantExperts([prepare(w, backend, device) for w in fused],
+                                  [prepare(w, backend, device) for w in downs])
+        _set_module(model, f"layers.{layer}.feed_forward.experts", module)
         return
-    if any(group is None for group in chosen.values()):
-        raise CheckpointError(f"{checkpoint.directory}: layer {layer}'s routed experts are only partly quantized")
-    fused = [concat_rows([_packed(checkpoint, names[(e, p)], chosen[(e, p)]) for p in ("gate", "up")])  # type: ignore[arg-type]
-             for e in range(experts)]
-    downs = [_packed(checkpoint, names[(e, "down")], chosen[(e, "down")]) for e in range(experts)]  # type: ignore[arg-type]
-    if backend == Backend.CUDA:
-        module: nn.Module = GroupedExperts(fused, downs, device)
-    else:
-        module = QuantExperts([prepare(w, backend, device) for w in fused], [prepare(w, backend, device) for w in downs])
-    _set_module(model, f"layers.{layer}.feed_forward.experts", module)
+
+    def dense(key: tuple[int, str]) -> torch.Tensor:
+        weight = found[key]
+        if weight is None:
+            return checkpoint.read(names[key] + ".weight")
+        return weight.dequantize() if isinstance(weight, PackedWeight) else weight
+
+    state[prefix + "gate_up"] = torch.stack([torch.cat([dense((e, "gate")).to(dtype), dense((e, "up")).to(dtype)])
+                                             for e in range(experts)]).to(device)
+    state[prefix + "down"] = torch.stack([dense((e, "down")).to(dtype) for e in range(experts)]).to(device)
+
+
+def dense_fused(tensor: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.transpose(-1, -2).to(device=device, dtype=dtype).contiguous()
+
+
+def _fusable(packed: dict[tuple[int, str], PackedWeight], experts: int) -> bool:
+    """gate and up of every expert share a scheme (they run as one fused weight)."""
+    return all(packed[(e, "gate")].scheme == packed[(e, "up")].scheme for e in range(experts))

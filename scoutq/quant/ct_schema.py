@@ -23,6 +23,15 @@ class QuantGroup:
     name: str  # the config_groups key, e.g. "group_0"
     scheme: Scheme
     targets: tuple[str, ...]
+    format: str = "pack-quantized"  # how its weights are stored (foreign checkpoints: also naive / int)
+    per_tensor: bool = False  # strategy "tensor": one scale [1] for the whole weight (foreign only)
+
+
+FOREIGN_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
+# actorder values whose stored weights the readers decode: "static" and "weight" (llm-compressor's
+# GPTQ defaults) only reorder GPTQ's column sweep; "group" (True in old configs; compressed-tensors
+# 0.20 dropped it, its checkpoints remain) adds `weight_g_idx`, which the readers apply.
+ACTORDERS = (None, False, True, "static", "weight", "group")
 
 
 def read_quantized_config(dst: Path) -> tuple[dict[str, Any], TextConfig, dict[str, Any]]:
@@ -42,15 +51,26 @@ def read_quantized_config(dst: Path) -> tuple[dict[str, Any], TextConfig, dict[s
     return config_json, config, qconfig
 
 
-def _scheme(path: Path, group: str, weights: Any) -> Scheme:
+def _scheme(path: Path, group: str, weights: Any, foreign: bool = False) -> tuple[Scheme, bool]:
+    """The group's Scheme, and whether it is per-tensor (foreign checkpoints only)."""
     where = f"{path}: quantization_config.config_groups.{group}.weights"
     if not isinstance(weights, dict):
         raise ConfigError(f"{where}: missing; only weight quantization is written by scoutq")
     if weights.get("type", "int") != "int":
         raise ConfigError(f"{where}.type is {weights.get('type')!r}; expected 'int'")
-    if weights.get("dynamic", False) or weights.get("actorder") or weights.get("block_structure"):
-        raise ConfigError(f"{where}: dynamic, actorder and block_structure are not supported")
+    for field, allowed in (("dynamic", (False, None)), ("block_structure", (None,)),
+                           ("actorder", ACTORDERS if foreign else (None, False))):
+        if weights.get(field) not in allowed:
+            raise ConfigError(f"{where}.{field} = {weights.get(field)!r} is not supported (it changes how the "
+                              "stored weights decode)")
     strategy, group_size = weights.get("strategy"), weights.get("group_size")
+    if foreign and strategy == "tensor":
+        if group_size is not None:
+            raise ConfigError(f"{where}: strategy 'tensor' with group_size {group_size!r}; expected null")
+        strategy = "channel"  # one scale broadcast to every row: the channel layout with equal scales
+        per_tensor = True
+    else:
+        per_tensor = False
     if strategy == "channel" and group_size is not None:
         raise ConfigError(f"{where}: strategy 'channel' with group_size {group_size!r}; expected null")
     if strategy == "group" and not isinstance(group_size, int):
@@ -61,7 +81,7 @@ def _scheme(path: Path, group: str, weights: Any) -> Scheme:
     if not isinstance(symmetric, bool):
         raise ConfigError(f"{where}.symmetric is {symmetric!r}; expected true or false")
     try:
-        return Scheme(int(weights.get("num_bits")), group_size, symmetric)  # type: ignore[arg-type]
+        return Scheme(int(weights.get("num_bits")), group_size, symmetric), per_tensor  # type: ignore[arg-type]
     except (TypeError, ValueError) as bad:
         raise ConfigError(f"{where}: {bad}") from None
 
@@ -86,24 +106,36 @@ def _targets(path: Path, where: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def parse_quantization_config(path: Path, qconfig: dict[str, Any]) -> tuple[list[QuantGroup], tuple[str, ...]]:
-    """The weight-only groups (in order) and the ignore list."""
+def parse_quantization_config(path: Path, qconfig: dict[str, Any],
+                              foreign: bool = False) -> tuple[list[QuantGroup], tuple[str, ...]]:
+    """The weight-only groups (in order) and the ignore list.
+
+    foreign=False is what scoutq writes (and `verify` holds its outputs to): pack-quantized,
+    channel or group. foreign=True also reads what llm-compressor writes for weight-only schemes:
+    naive- and int-quantized storage, per-tensor scales, actorder (static, or group with
+    `weight_g_idx`), each group's own `format` under a `mixed-precision` config.
+    """
     raw_groups = qconfig.get("config_groups")
     if not isinstance(raw_groups, dict) or not raw_groups:
         raise ConfigError(f"{path}: quantization_config.config_groups is missing or empty")
+    formats = FOREIGN_FORMATS if foreign else ("pack-quantized",)
+    default_format = qconfig.get("format", "pack-quantized") if foreign else "pack-quantized"
     groups = []
     for name, group in raw_groups.items():
         if not isinstance(group, dict):
             raise ConfigError(f"{path}: quantization_config.config_groups.{name} is not an object")
-        if group.get("format", "pack-quantized") != "pack-quantized":
-            raise ConfigError(f"{path}: quantization_config.config_groups.{name}.format is {group.get('format')!r}; "
-                              "expected 'pack-quantized'")
+        stored = group.get("format") or default_format
+        if stored not in formats:
+            raise ConfigError(f"{path}: quantization_config.config_groups.{name}.format is {stored!r}; "
+                              f"expected {' or '.join(repr(f) for f in formats)}")
         for key in ("input_activations", "output_activations"):
             if group.get(key) is not None:
                 raise ConfigError(f"{path}: quantization_config.config_groups.{name}.{key} is set; "
-                                  "only weight-only schemes are supported")
-        scheme = _scheme(path, name, group.get("weights"))
-        groups.append(QuantGroup(name, scheme, _targets(path, f"config_groups.{name}.targets", group.get("targets"))))
+                                  "only weight-only schemes are supported (activation quantization changes "
+                                  "the numerics the runtime would compute)")
+        scheme, per_tensor = _scheme(path, name, group.get("weights"), foreign)
+        groups.append(QuantGroup(name, scheme, _targets(path, f"config_groups.{name}.targets", group.get("targets")),
+                                 stored, per_tensor))
     ignore = _targets(path, "ignore", qconfig.get("ignore", []))
     return groups, ignore
 

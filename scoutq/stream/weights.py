@@ -1,5 +1,6 @@
-"""Dense fp32 weights of a checkpoint, one module at a time, whether its source is bf16 or a
-scoutq-quantized compressed-tensors output (packed weights are dequantized exactly as stored).
+"""Dense fp32 weights of a checkpoint, one module at a time, whether its source is bf16, a
+scoutq-quantized compressed-tensors output or another tool's quantized checkpoint (scoutq.foreign:
+packed weights are dequantized exactly as stored).
 
 The layer stream reads through this, so the same walk calibrates a source checkpoint and
 evaluates either kind layer by layer. Every read goes through the checkpoint's reader
@@ -16,8 +17,7 @@ import torch
 
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import CheckpointError
-from scoutq.quant.ct_schema import group_for, parse_quantization_config
-from scoutq.quant.packed import SUFFIXES, PackedWeight
+from scoutq.foreign import WeightSource, weight_source
 
 ROUTED_EXPERT = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.\d+\.")
 
@@ -29,9 +29,9 @@ class DenseWeights:
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.layout = checkpoint.layout
-        qconfig = checkpoint.config_json.get("quantization_config")
         self.config_path = checkpoint.directory / "config.json"
-        self.groups, self.ignore = parse_quantization_config(self.config_path, qconfig) if qconfig else ([], ())
+        quantized = "quantization_config" in checkpoint.config_json
+        self.source: WeightSource | None = weight_source(checkpoint) if quantized else None
 
     def tensor(self, key: str) -> torch.Tensor:
         """A stored tensor (norm weights, router, biases) as fp32."""
@@ -39,20 +39,20 @@ class DenseWeights:
 
     def linear(self, module: str) -> torch.Tensor:
         """nn.Linear weight [out, in] of `module` (a key without `.weight`), fp32."""
-        tensors = self.checkpoint.tensors
-        if f"{module}.weight" in tensors:
-            return self.tensor(f"{module}.weight")
-        group = group_for(module, self.groups, self.ignore, self.config_path) if self.groups else None
-        if group is None or f"{module}.weight_packed" not in tensors:
+        dequantized = self.source.dense(module) if self.source is not None else None
+        if dequantized is not None:
+            return dequantized.to(self.device).float()
+        if f"{module}.weight" not in self.checkpoint.tensors:
             raise CheckpointError(f"{self.checkpoint.directory}: no weight for module {module!r}")
-        state = {s: self.checkpoint.read(f"{module}.{s}").to(self.device) for s in SUFFIXES if f"{module}.{s}" in tensors}
-        return PackedWeight.from_state(state, group.scheme).dequantize().float()
+        return self.tensor(f"{module}.weight")
 
     def dtype(self, module: str) -> torch.dtype:
         """The dtype the module's weight (or its scales) is stored in."""
         tensors = self.checkpoint.tensors
-        key = f"{module}.weight" if f"{module}.weight" in tensors else f"{module}.weight_scale"
-        return self.checkpoint.dtype(key)
+        for suffix in ("weight_scale", "scales"):  # a quantized module: its scales' dtype
+            if f"{module}.{suffix}" in tensors:
+                return self.checkpoint.dtype(f"{module}.{suffix}")
+        return self.checkpoint.dtype(f"{module}.weight")
 
     def stored_dtype(self, module: str) -> torch.dtype:
         """The dtype `module`'s weight is stored in; a routed expert's from its layer's fused tensor."""
