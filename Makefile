@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 CACHE ?= .cache/scoutq
 STAMP := $(VENV)/.scoutq-installed
 
-.PHONY: install demo release test test-slow test-llama-cpp install-llama-cpp fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gguf bench-gguf-export bench-tasks bench-gpu bench-distributed clean
+.PHONY: install demo release test test-slow test-llama-cpp install-llama-cpp fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gguf bench-gguf-export bench-tasks bench-peers install-llmc bench-gpu bench-distributed clean
 
 install: $(STAMP)
 
@@ -60,8 +60,13 @@ LLAMA_CPP ?= llama-cpp-python==0.3.36
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-installed
 install-llama-cpp: $(LLAMA_CPP_STAMP)
 
+# Built without AMX: on CPUs that have it, llama.cpp's AMX weight repacking segfaults in decode on
+# these Q8_0 / Q4_0 files (seen here; ggml-org/llama.cpp#20824 reports the same crash). GCC keeps
+# explicit -mno-* ISA flags over -march=native, so every other native path stays as it is.
+# --no-cache-dir: a wheel pip cached from a build with AMX would otherwise be reused.
+LLAMA_CPP_CMAKE ?= -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 $(LLAMA_CPP_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet "$(LLAMA_CPP)"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/python -m pip install --quiet --no-cache-dir "$(LLAMA_CPP)"
 	touch $@
 
 # The GGUF files checked by llama.cpp: loading, logits against scoutq's runtime, greedy text, the
@@ -130,6 +135,22 @@ bench-tasks: install
 		&& $(BIN)/scoutq eval $(CACHE)/tasks/tiny-$$recipe --reference $(CACHE)/tiny-trained --tasks $(TASKS) \
 			--json $(CACHE)/tasks/$$recipe.json --markdown $(CACHE)/tasks/$$recipe.md || exit 1; \
 	done
+
+# The neutral judge: tiny-trained quantized by scoutq (RTN, GPTQ, GPTAQ), by llm-compressor (RTN,
+# GPTQ; from its own venv, skipped with one line without it) and by transformers' bitsandbytes nf4,
+# all judged in one `scoutq eval` run. Table in $(CACHE)/bench-peers/judged.md.
+LLMC_VENV ?= .cache/llmc-venv
+LLMC ?= llmcompressor==0.14.*
+LLMC_STAMP := $(LLMC_VENV)/.llmc-installed
+install-llmc: $(LLMC_STAMP)
+
+$(LLMC_STAMP):
+	$(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/python -m pip install --quiet "$(TORCH)" "$(LLMC)" && touch $@ \
+		|| echo "llm-compressor did not install; bench-peers runs without it"
+
+bench-peers: install install-llmc
+	$(BIN)/python -m scoutq.bench.peers --dir $(CACHE)/bench-peers --llmc-python $(LLMC_VENV)/bin/python
 
 # What a lent GPU machine runs in one go: scout-layers (2 real-shape layers), RTN, the GPTQ layer
 # walk on CUDA with 1 rank and one rank per GPU (sha256 of each output), the kernel and MoE

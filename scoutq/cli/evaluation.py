@@ -38,12 +38,16 @@ EXAMPLES = """Examples:
   scoutq eval out/scout-w4 --reference ./Llama-4-Scout-17B-16E-Instruct --tasks arc_easy,hellaswag --limit 500
 
   scoutq eval out/tiny-trained --windows documents --seq-len 2049
+
+  scoutq eval out/tiny-w4 out/llmc-gptq out/tiny-gptq-format out/tiny-bnb-nf4 --reference out/tiny-trained --markdown judged.md
 """
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def eval_command(
-    model: Annotated[Path, typer.Argument(help="Checkpoint to evaluate (scoutq-quantized or bf16), or a .gguf file.")],
+    models: Annotated[list[Path], typer.Argument(
+        help="Checkpoint(s) to evaluate: scoutq's, another tool's (compressed-tensors, GPTQ, AWQ, bitsandbytes), "
+             "bf16, or a .gguf file. Several: judged side by side on the same windows (needs --reference).")],
     reference: Annotated[Path | None, typer.Option(
         help="Reference checkpoint (usually the bf16 source), or a .gguf file.")] = None,
     dataset: Annotated[str, typer.Option(
@@ -99,6 +103,20 @@ def eval_command(
 
     if dtype not in DTYPES:
         raise ScoutqError(f"--dtype {dtype!r}: choose fp32 or bf16")
+    if len(models) > 1:
+        from scoutq.cli.judge import judge_candidates
+
+        refused = [option for option, given in (("--layer-walk", layer_walk), ("--latency", latency),
+                                                ("--tasks", tasks is not None), ("--plots", plots is not None),
+                                                ("--save-reference", save_reference is not None)) if given]
+        if refused:
+            raise ScoutqError(f"{refused[0]} runs with one model; evaluate the candidates one at a time for it")
+        if reference is None:
+            raise ScoutqError("several models are judged against a reference: add --reference (the bf16 checkpoint)")
+        judge_candidates(models, reference, dataset, seq_len, samples, windows, backend, dtype, batch_size, device,
+                         json, markdown)
+        return
+    model = models[0]
     started = time.perf_counter()
     model_gguf = is_gguf(model)
     if not model_gguf:

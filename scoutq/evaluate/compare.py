@@ -99,6 +99,8 @@ class Comparison:
     kl: dict[str, float] | None = None
     top1_agreement: float | None = None
     routing_agreement: dict[int, float] | None = None
+    window_kl: torch.Tensor | None = None  # [W] each window's mean KL, for pairing candidates by window
+    window_tokens: torch.Tensor | None = None  # [W] scored tokens of each window
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -234,7 +236,8 @@ def compare_models(
         result.reference_perplexity = perplexity_with_interval(ref_nll, per_window)
         result.reference_window_nll = ref_nll
         result.reference_expert_counts = ref_counts
-        result.kl = summarize_kl(torch.cat(kl_parts), window_means=torch.cat(window_kl), window_tokens=per_window)
+        result.window_kl, result.window_tokens = torch.cat(window_kl).double(), per_window
+        result.kl = summarize_kl(torch.cat(kl_parts), window_means=result.window_kl, window_tokens=per_window)
         result.top1_agreement = top1 / result.tokens_scored
         result.routing_agreement = {i: int(same) / routed for (i, _), same in zip(blocks, same_route, strict=True)}
     return result

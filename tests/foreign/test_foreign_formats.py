@@ -342,3 +342,79 @@ def test_unsupported_field_is_one_line_naming_it(ct_checkpoints: dict[str, Path]
         config["quantization_config"] = _gptq_config(4, GROUP, True, False, True) | {"checkpoint_format": "marlin"}
         (bad / "config.json").write_text(json.dumps(config))
         weight_source(Checkpoint.open(bad))
+
+
+# -- several candidates in one run -------------------------------------------------------------
+
+
+def test_candidates_side_by_side_match_their_single_runs_and_pair_by_window(
+    ct_checkpoints: dict[str, Path], gptq_checkpoints: dict[str, Path], awq_checkpoint: Path, tiny_checkpoint: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    candidates = [ct_checkpoints["pack int4 g32 sym, actorder static"], gptq_checkpoints["int4 g32 asym v1 desc_act"],
+                  awq_checkpoint]
+    window = ["--samples", "6", "--seq-len", "32", "--reference", str(tiny_checkpoint)]
+    report, markdown = tmp_path / "judged.json", tmp_path / "judged.md"
+    code, out, err = run_cli(["eval", *map(str, candidates), *window, "--json", str(report),
+                              "--markdown", str(markdown)], capsys)
+    assert code == 0, err
+    judged = json.loads(report.read_text())
+    assert [c["model"] for c in judged["candidates"]] == [str(c) for c in candidates]
+    assert len(judged["pairwise_kl"]) == 3
+    for pair in judged["pairwise_kl"]:
+        first, second = (next(c for c in judged["candidates"] if c["model"] == pair[k]) for k in ("a", "b"))
+        assert pair["kl_difference"] == pytest.approx(first["kl"]["mean"] - second["kl"]["mean"], rel=1e-9, abs=1e-12)
+        assert pair["low"] <= pair["kl_difference"] <= pair["high"]
+    for candidate in judged["candidates"]:
+        assert candidate["bits_per_weight"] > 0 and candidate["size_bytes"] > 0
+        single = tmp_path / f"{Path(candidate['model']).name}.json"
+        code, _, err = run_cli(["eval", candidate["model"], *window, "--json", str(single)], capsys)
+        assert code == 0, err
+        alone = json.loads(single.read_text())
+        assert alone["kl"] == candidate["kl"] and alone["top1_agreement"] == candidate["top1_agreement"]
+    text = markdown.read_text()
+    assert "Pairwise KL difference" in text and "GPTQ int4-g32" in text and "AWQ int4-g32" in text
+
+
+def test_candidates_need_a_reference_and_one_line_otherwise(ct_checkpoints: dict[str, Path],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    paths = [str(p) for p in list(ct_checkpoints.values())[:2]]
+    code, _, err = run_cli(["eval", *paths], capsys)
+    assert code == 1 and "add --reference" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(["eval", *paths, "--reference", paths[0], "--latency"], capsys)
+    assert code == 1 and "--latency runs with one model" in err, err
+
+
+def test_verify_foreign_decodes_every_linear_of_each_format(
+    gptq_checkpoints: dict[str, Path], awq_checkpoint: Path, bnb_checkpoint: Path, ct_checkpoints: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    for path, fmt in ((gptq_checkpoints["int4 g32 asym v1 desc_act"], "GPTQ int4-g32"), (awq_checkpoint, "AWQ"),
+                      (bnb_checkpoint, "bitsandbytes nf4"), (ct_checkpoints["naive int8 per-tensor"], "compressed-tensors")):
+        code, out, err = run_cli(["verify", str(path), "--foreign", "--json"], capsys)
+        assert code == 0, err
+        checked = json.loads(out)
+        assert checked["ok"] and checked["format"].startswith(fmt) and checked["quantized_modules"] > 0
+        assert checked["quantized_routers"] == []
+
+
+def test_verify_foreign_names_a_module_that_decodes_wrong(gptq_checkpoints: dict[str, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(gptq_checkpoints["int4 g32 sym v1"], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    victim = next(key for key in sorted(tensors) if key.endswith("experts.1.down_proj.scales"))
+    tensors[victim][0, 0] = float("inf")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run_cli(["verify", str(bad), "--foreign"], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    line = " ".join(err.split())
+    assert victim.removesuffix(".scales") in line and "non-finite" in line, line
