@@ -8,7 +8,9 @@ Candidates, each made by its own tool from the same bf16 tiny-trained checkpoint
 * llm-compressor (its own venv, `--llmc-python`; scoutq/bench/llmc_quantize.py runs there):
   W4A16 round-to-nearest (QuantizationModifier) and GPTQ (GPTQModifier, its default actorder
   static) calibrated on the builtin corpus's calibration split, the text scoutq's own builtin
-  calibration set is drawn from; skipped with one line when that venv is absent;
+  calibration set is drawn from; each as its Llama 4 example does (attention quantized too) and
+  coverage-matched to scoutq's recipes (`-experts`: routed and shared experts only); skipped with
+  one line when that venv is absent;
 * bitsandbytes nf4, written by transformers (`BitsAndBytesConfig`, `save_pretrained`): attention
   and the shared expert in nf4, the fused routed experts left in bf16 as transformers leaves them.
 
@@ -72,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.llmc_python.is_file() and installed.is_file():
         texts = args.dir / "calibration.json"  # the calibration split scoutq's own builtin set draws from
         texts.write_text(json.dumps(builtin_corpus().calibration))
-        for scheme in ("rtn", "gptq"):
+        for scheme in ("rtn", "gptq", "rtn-experts", "gptq-experts"):
             out = args.dir / f"llmc-{scheme}"
-            made = subprocess.run([str(args.llmc_python), str(Path(__file__).with_name("llmc_quantize.py")),
+            # -P: the script's folder (scoutq/bench, which has a kernels.py) stays off sys.path, where
+            # transformers' probe for the `kernels` package would import it.
+            made = subprocess.run([str(args.llmc_python), "-P", str(Path(__file__).with_name("llmc_quantize.py")),
                                    str(args.source), str(out), scheme, str(texts)])
             if made.returncode == 0:
                 candidates.append(out)

@@ -28,7 +28,7 @@ from helpers.foreign_formats import (
 
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.errors import ConfigError
-from scoutq.foreign import weight_source
+from scoutq.foreign import WeightSource, weight_source
 from scoutq.model.load import load_model
 from scoutq.quant import primitives
 from scoutq.quant.packed import PackedWeight
@@ -82,6 +82,14 @@ def _quantized_modules(checkpoint: Checkpoint) -> list[str]:
     return sorted({key[: key.rindex(marker)] for key in checkpoint.tensors for marker in markers if key.endswith(marker)})
 
 
+def _opened(variants: list[tuple[Any, ...]], built: dict[str, Path],
+            name: str) -> tuple[tuple[Any, ...], Checkpoint, WeightSource, list[str]]:
+    """A variant's row, its checkpoint, reader and quantized module names."""
+    checkpoint = Checkpoint.open(built[name])
+    return next(v for v in variants if v[0] == name), checkpoint, weight_source(checkpoint), \
+        _quantized_modules(checkpoint)
+
+
 @pytest.fixture(scope="module")
 def ct_checkpoints(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     built = {}
@@ -119,10 +127,8 @@ def g_idx_decode_twin(state: dict[str, torch.Tensor], bits: int) -> torch.Tensor
 
 @pytest.mark.parametrize("variant", [v[0] for v in CT_VARIANTS])
 def test_compressed_tensors_variants_decode_as_its_decompressor(variant: str, ct_checkpoints: dict[str, Path]) -> None:
-    _, weights, fmt, scoutq_scheme, seed, _ = next(v for v in CT_VARIANTS if v[0] == variant)
-    checkpoint = Checkpoint.open(ct_checkpoints[variant])
-    source = weight_source(checkpoint)
-    modules = _quantized_modules(checkpoint)
+    (_, weights, fmt, scoutq_scheme, seed, _), checkpoint, source, modules = _opened(CT_VARIANTS, ct_checkpoints,
+                                                                                    variant)
     assert len(modules) >= 4 * 4 * 3  # every routed expert projection at least
     if seed is None:
         scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights), format=fmt)
@@ -210,10 +216,7 @@ def gptq_checkpoints(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
 
 @pytest.mark.parametrize("variant", [v[0] for v in GPTQ_VARIANTS])
 def test_gptq_decodes_as_gptqmodel(variant: str, gptq_checkpoints: dict[str, Path]) -> None:
-    _, bits, _, symmetric, seed, v1 = next(v for v in GPTQ_VARIANTS if v[0] == variant)
-    checkpoint = Checkpoint.open(gptq_checkpoints[variant])
-    source = weight_source(checkpoint)
-    modules = _quantized_modules(checkpoint)
+    (_, bits, _, symmetric, seed, v1), checkpoint, source, modules = _opened(GPTQ_VARIANTS, gptq_checkpoints, variant)
     some = modules[:: max(1, len(modules) // 12)]  # the twin is element by element: a sample of modules
     for module in some:
         ours = source.dense(module)
