@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 CACHE ?= .cache/scoutq
 STAMP := $(VENV)/.scoutq-installed
 
-.PHONY: install demo release test test-slow test-llama-cpp install-llama-cpp fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gguf bench-gguf-export bench-tasks bench-peers install-llmc bench-gpu bench-distributed clean
+.PHONY: install demo release test test-slow test-llama-cpp install-llama-cpp fixtures bench-fixture bench-quantize bench-calibrate bench-eval bench-quality bench-gguf bench-gguf-export bench-tasks bench-peers install-llmc test-llmc bench-gpu bench-distributed clean
 
 install: $(STAMP)
 
@@ -148,6 +148,10 @@ $(LLMC_STAMP):
 	$(PYTHON) -m venv $(LLMC_VENV)
 	$(LLMC_VENV)/bin/python -m pip install --quiet "$(TORCH)" "$(LLMC)" && touch $@ \
 		|| echo "llm-compressor did not install; bench-peers runs without it"
+
+# Checkpoints made by llm-compressor itself (its venv), decoded by scoutq as compressed-tensors does.
+test-llmc: install install-llmc
+	SCOUTQ_REQUIRE_LLMC=1 $(BIN)/python -m pytest -q -m llmc tests/foreign_llmc
 
 bench-peers: install install-llmc
 	$(BIN)/python -m scoutq.bench.peers --dir $(CACHE)/bench-peers --llmc-python $(LLMC_VENV)/bin/python
