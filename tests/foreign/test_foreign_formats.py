@@ -299,6 +299,55 @@ def test_bitsandbytes_nf4_from_transformers_decodes_as_bitsandbytes(bnb_checkpoi
         assert ours is not None and torch.equal(ours, theirs), module
 
 
+@pytest.fixture(scope="module")
+def bnb8_checkpoint(tiny_text_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("foreign") / "bnb-int8"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_text_checkpoint, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+        dtype=torch.bfloat16, device_map="cpu")
+    model.save_pretrained(out)
+    for extra in tiny_text_checkpoint.iterdir():
+        if extra.name.startswith("tokenizer"):
+            (out / extra.name).write_bytes(extra.read_bytes())
+    return out
+
+
+def test_bitsandbytes_int8_from_transformers_decodes_as_bitsandbytes(bnb8_checkpoint: Path, tiny_text_checkpoint: Path,
+                                                                    tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import bitsandbytes.functional as bnb_functional
+
+    checkpoint = Checkpoint.open(bnb8_checkpoint)
+    source = weight_source(checkpoint)
+    assert source.format == "bitsandbytes LLM.int8"
+    modules = _quantized_modules(checkpoint)
+    assert modules
+    for module in modules:
+        q, row_scale = checkpoint.read(f"{module}.weight"), checkpoint.read(f"{module}.SCB")
+        assert q.dtype == torch.int8
+        ours = source.dense(module)
+        assert ours is not None and torch.equal(ours, bnb_functional.int8_vectorwise_dequant(q, row_scale))
+        # bitsandbytes' documented arithmetic: w = q * SCB / 127, per output row
+        assert torch.allclose(ours, q.float() * row_scale.view(-1, 1) / 127, rtol=1e-6, atol=0)
+    report = tmp_path / "r.json"
+    code, _, err = run_cli(["eval", str(bnb8_checkpoint), "--reference", str(tiny_text_checkpoint), "--samples", "4",
+                            "--seq-len", "32", "--json", str(report)], capsys)
+    assert code == 0, err
+    assert 0 < json.loads(report.read_text())["kl"]["mean"] < 0.1  # int8: close to the bf16 model
+
+
+def test_scoutq_run_generates_from_a_foreign_checkpoint(gptq_checkpoints: dict[str, Path],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["run", str(gptq_checkpoints["int4 g32 asym v1 desc_act"]), "--prompt", "The",
+                              "--max-new-tokens", "8"], capsys)
+    assert code == 0, err
+    assert out.strip()
+
+
 # -- the runtime and the CLI on each format ----------------------------------------------------
 
 
