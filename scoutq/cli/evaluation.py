@@ -46,6 +46,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def eval_command(
     models: Annotated[list[Path], typer.Argument(
+        metavar="MODEL",
         help="Checkpoint(s) to evaluate: scoutq's, another tool's (compressed-tensors, GPTQ, AWQ, bitsandbytes), "
              "bf16, or a .gguf file. Several: judged side by side on the same windows (needs --reference).")],
     reference: Annotated[Path | None, typer.Option(
@@ -85,6 +86,8 @@ def eval_command(
     next-token distributions (mean with interval, p99), top-1 agreement and, per MoE layer,
     the share of tokens routed to the same expert; per layer and expert, weight and output
     SQNR; with --latency, prefill and decode tokens/s, time to first token and peak memory.
+    With several models, each is judged against --reference on the same windows, side by side,
+    with the KL difference between every pair and its paired interval.
     """
     from scoutq.evaluate.compare import compare_models
     from scoutq.evaluate.quant_error import error_tables
