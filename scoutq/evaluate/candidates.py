@@ -17,7 +17,7 @@ from scoutq.checkpoint.gguf_file import is_gguf
 from scoutq.checkpoint.reader import Checkpoint
 from scoutq.evaluate.compare import Comparison
 from scoutq.evaluate.metrics import mean_interval
-from scoutq.evaluate.report import _fmt
+from scoutq.evaluate.report import format_number
 
 NOT_TEXT = ("vision_model.", "multi_modal_projector.")  # towers the text model never reads
 
@@ -74,22 +74,22 @@ def candidate_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
         return [label] + [value(c) for c in candidates]
 
     def interval(values: list[float] | None) -> str:
-        return "" if not values else f" [{_fmt(values[0], 3)}, {_fmt(values[1], 3)}]"
+        return "" if not values else f" [{format_number(values[0], 3)}, {format_number(values[1], 3)}]"
 
     rows = [
         row("format", lambda c: c["quantized_format"]),
         row("size (MB)", lambda c: f"{c['size_bytes'] / 1e6:.2f}"),
         row("bits per weight", lambda c: f"{c['bits_per_weight']:.2f}"),
-        row("perplexity", lambda c: _fmt(c["perplexity"]["value"])),
-        row("perplexity gap % (paired 95%)", lambda c: _fmt(c["perplexity_gap_pct"], 3)
+        row("perplexity", lambda c: format_number(c["perplexity"]["value"])),
+        row("perplexity gap % (paired 95%)", lambda c: format_number(c["perplexity_gap_pct"], 3)
             + interval(c["perplexity_gap_interval_pct"])),
-        row("KL mean [95%]", lambda c: _fmt(c["kl"]["mean"]) + interval([c["kl"]["mean_low"], c["kl"]["mean_high"]])),
-        row("KL p99", lambda c: _fmt(c["kl"]["p99"])),
+        row("KL mean [95%]", lambda c: format_number(c["kl"]["mean"]) + interval([c["kl"]["mean_low"], c["kl"]["mean_high"]])),
+        row("KL p99", lambda c: format_number(c["kl"]["p99"])),
         row("top-1 agreement", lambda c: f"{c['top1_agreement']:.4f}"),
     ]
     for index, layer in enumerate(candidates[0]["routing"]):
         rows.append(row(f"routing agreement, layer {layer['layer']}",
-                        lambda c, index=index: _fmt(c["routing"][index]["agreement"])))
+                        lambda c, index=index: format_number(c["routing"][index]["agreement"])))
     return header, rows
 
 
@@ -98,7 +98,7 @@ def pairwise_rows(report: dict[str, Any]) -> list[list[str]]:
     for pair in report["pairwise_kl"]:
         a, b = Path(pair["a"]).name, Path(pair["b"]).name
         verdict = "no difference at 95%" if pair["lower_kl"] is None else f"{Path(pair['lower_kl']).name} is closer"
-        rows.append([f"{a} - {b}", f"{_fmt(pair['kl_difference'])} [{_fmt(pair['low'])}, {_fmt(pair['high'])}]",
+        rows.append([f"{a} - {b}", f"{format_number(pair['kl_difference'])} [{format_number(pair['low'])}, {format_number(pair['high'])}]",
                      verdict])
     return rows
 

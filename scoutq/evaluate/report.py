@@ -119,7 +119,7 @@ def build_report(model: str, reference: str | None, dataset: str, seq_len: int, 
     })
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
+def format_number(value: float | None, digits: int = 4) -> str:
     if value is None:
         return "–"
     return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
@@ -128,10 +128,10 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """(metric, value) pairs shared by the terminal table and the Markdown."""
     ppl = report["perplexity"]
-    rows = [("perplexity", f"{ppl['value']:.4f} [{_fmt(ppl['low'])}, {_fmt(ppl['high'])}]")]
+    rows = [("perplexity", f"{ppl['value']:.4f} [{format_number(ppl['low'])}, {format_number(ppl['high'])}]")]
     if report["reference_perplexity"] is not None:
         ref = report["reference_perplexity"]
-        rows.append(("reference perplexity", f"{ref['value']:.4f} [{_fmt(ref['low'])}, {_fmt(ref['high'])}]"))
+        rows.append(("reference perplexity", f"{ref['value']:.4f} [{format_number(ref['low'])}, {format_number(ref['high'])}]"))
         gap = f"{report['perplexity_gap_pct']:+.3f}%"
         if report.get("perplexity_gap_interval_pct") is not None:
             low, high = report["perplexity_gap_interval_pct"]
@@ -139,8 +139,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("perplexity gap", gap))
     if report["kl"] is not None:
         kl = report["kl"]
-        rows.append(("KL divergence mean", f"{_fmt(kl['mean'], 5)} [{_fmt(kl['mean_low'], 5)}, {_fmt(kl['mean_high'], 5)}]"))
-        rows.append(("KL divergence p99 / max", f"{_fmt(kl['p99'], 5)} / {_fmt(kl['max'], 5)}"))
+        rows.append(("KL divergence mean", f"{format_number(kl['mean'], 5)} [{format_number(kl['mean_low'], 5)}, {format_number(kl['mean_high'], 5)}]"))
+        rows.append(("KL divergence p99 / max", f"{format_number(kl['p99'], 5)} / {format_number(kl['max'], 5)}"))
         rows.append(("top-1 agreement", f"{100 * report['top1_agreement']:.2f}%"))
         agreements = [r["agreement"] for r in report["routing"] if r["agreement"] is not None]
         if agreements:
@@ -177,7 +177,7 @@ def task_table(report: dict[str, Any]) -> list[list[str]]:
     def scored(value: float | None, stderr: float | None) -> str:
         if value is None:
             return "–"
-        return f"{_fmt(value)} ± {_fmt(stderr)}" if stderr is not None else _fmt(value)
+        return f"{format_number(value)} ± {format_number(stderr)}" if stderr is not None else format_number(value)
 
     rows = []
     for row in (report.get("tasks") or {}).get("rows", []):
