@@ -14,13 +14,16 @@ Linear M with `in` inputs, `out` outputs and b bits (4 or 8), groups along the i
 
 `checkpoint_format: gptq` (v1, the default) stores every zero point minus one; GPTQModel turns v1
 into v2 by adding 0x11111111 (4-bit) or 0x01010101 (8-bit) to each qzeros word, and so does this
-reader, carries included, so the zero points are the ones GPTQModel computes with. Groups in order
+reader, carries included, so the zero points are the ones GPTQModel computes with. GPTQModel's
+`dynamic` overrides (`-:PATTERN` unquantized, `+:PATTERN` own bits / group_size) are applied per
+module. Groups in order
 become a PackedWeight (q - 2^(b-1) and z - 2^(b-1) in scoutq's signed convention: the same
 differences); act-order groups are dequantized densely in fp16, as GPTQModel's torch kernel does.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -83,7 +86,45 @@ class GptqSource(WeightSource):
         zeros = "v1 zero points" if self.checkpoint_format == "gptq" else "v2 zero points"
         granularity = "channel" if self.group_size is None else f"g{self.group_size}"
         order = ", desc_act" if qconfig.get("desc_act") else ""
-        self.format = f"GPTQ int{self.bits}-{granularity} ({zeros}{order})"
+        self.dynamic = self._dynamic(qconfig.get("dynamic") or {})
+        overrides = f", {len(self.dynamic)} per-module overrides" if self.dynamic else ""
+        self.format = f"GPTQ int{self.bits}-{granularity} ({zeros}{order}{overrides})"
+
+    def _dynamic(self, dynamic: Any) -> list[tuple[re.Pattern[str], dict[str, Any] | None]]:
+        """GPTQModel's per-module overrides: `-:PATTERN` keeps matching modules unquantized,
+        `+:PATTERN` (or a bare pattern) gives them their own bits / group_size; first match wins,
+        re.match on the module name as GPTQModel matches it."""
+        if not isinstance(dynamic, dict):
+            raise self.refuse("dynamic", dynamic, "expected an object of pattern -> overrides")
+        rules = []
+        for key, override in dynamic.items():
+            skip = key.startswith("-:")
+            try:
+                pattern = re.compile(key[2:] if key.startswith(("-:", "+:")) else key)
+            except re.error as bad:
+                raise self.refuse(f"dynamic[{key!r}]", key, f"not a regular expression ({bad})") from None
+            if not skip:
+                if not isinstance(override, dict):
+                    raise self.refuse(f"dynamic[{key!r}]", override, "expected an object of overrides")
+                unknown = set(override) - {"bits", "group_size", "sym", "desc_act", "damp_percent", "mse"}
+                if unknown:
+                    field = sorted(unknown)[0]
+                    raise self.refuse(f"dynamic[{key!r}].{field}", override[field], "not a field scoutq reads")
+                if override.get("bits", self.bits) not in (4, 8):
+                    raise self.refuse(f"dynamic[{key!r}].bits", override["bits"], "scoutq reads 4- and 8-bit weights")
+            rules.append((pattern, None if skip else override))
+        return rules
+
+    def settings(self, module: str) -> tuple[int, int | None]:
+        """(bits, group size) of a quantized module, after the `dynamic` overrides."""
+        for pattern, override in self.dynamic:
+            if pattern.match(module):
+                if override is None:
+                    raise CheckpointError(f"{self.checkpoint.directory}: module {module!r} has a qweight, but "
+                                          f"quantization_config.dynamic excludes it ({pattern.pattern!r})")
+                size = override.get("group_size", -1 if self.group_size is None else self.group_size)
+                return int(override.get("bits", self.bits)), None if size == -1 else int(size)
+        return self.bits, self.group_size
 
     def _tensor(self, module: str, suffix: str) -> torch.Tensor:
         key = f"{module}.{suffix}"
@@ -96,18 +137,19 @@ class GptqSource(WeightSource):
             return None
         if f"{module}.bias" in self.checkpoint.tensors:
             raise CheckpointError(f"{self.checkpoint.directory}: module {module!r} has a bias; Llama 4's Linears have none")
+        bits, group_size = self.settings(module)
         words = self._tensor(module, "qweight")
-        q = unpack_rows(words, self.bits).t().contiguous()  # [out, in]
+        q = unpack_rows(words, bits).t().contiguous()  # [out, in]
         out_features, in_features = q.shape
         zero_words = self._tensor(module, "qzeros")
         if self.checkpoint_format == "gptq":
-            zero_words = zero_words + V1_TO_V2[self.bits]  # int32 arithmetic wraps, as GPTQModel's does
-        zero = unpack_columns(zero_words, self.bits)[:, :out_features].t().contiguous()  # [out, groups]
+            zero_words = zero_words + V1_TO_V2[bits]  # int32 arithmetic wraps, as GPTQModel's does
+        zero = unpack_columns(zero_words, bits)[:, :out_features].t().contiguous()  # [out, groups]
         scale = self._tensor(module, "scales").t().contiguous()  # [out, groups]
         key = f"{module}.g_idx"
         g_idx = self.checkpoint.read(key) if key in self.checkpoint.tensors else \
-            torch.arange(in_features) // (self.group_size or in_features)
+            torch.arange(in_features) // (group_size or in_features)
         if g_idx.numel() != in_features or scale.shape[0] != out_features:
             raise CheckpointError(f"{self.checkpoint.directory}: module {module!r}: qweight, scales and g_idx "
-                                  "disagree on its shape")
-        return packed_or_dense(q, zero, scale, g_idx, self.bits, self.group_size)
+                                  "disagree on its shape (check bits and quantization_config.dynamic)")
+        return packed_or_dense(q, zero, scale, g_idx, bits, group_size)

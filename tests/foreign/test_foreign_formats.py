@@ -228,6 +228,26 @@ def test_gptq_decodes_as_gptqmodel(variant: str, gptq_checkpoints: dict[str, Pat
         assert isinstance(found, torch.Tensor)
 
 
+def test_gptq_dynamic_overrides_give_each_module_its_own_bits(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """GPTQModel's `dynamic`: down_proj in int8 per channel, everything else int4 g32, routers skipped."""
+    def tensors(module: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        scheme = Scheme(8, None, True) if module.endswith("down_proj") else Scheme(4, GROUP, False)
+        return gptq_tensors(quantize(w, scheme, torch.float16), v1=True)
+
+    config = _gptq_config(4, GROUP, False, False, True) | {
+        "dynamic": {"-:.*feed_forward\\.router.*": {}, "+:.*down_proj.*": {"bits": 8, "group_size": -1}}}
+    path = write_foreign(tiny_checkpoint, tmp_path / "gptq-dynamic", config, tensors)
+    checkpoint = Checkpoint.open(path)
+    source = weight_source(checkpoint)
+    assert "2 per-module overrides" in source.format
+    modules = _quantized_modules(checkpoint)
+    for module in modules[:: max(1, len(modules) // 12)]:
+        bits = 8 if module.endswith("down_proj") else 4
+        found = source.weight(module)
+        assert isinstance(found, PackedWeight) and found.scheme.bits == bits, module
+        assert torch.equal(found.dequantize(), gptq_decode_twin(_module_state(checkpoint, module), bits, v1=True))
+
+
 @pytest.fixture(scope="module")
 def awq_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm",
