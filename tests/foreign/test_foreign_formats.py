@@ -286,20 +286,25 @@ def test_gptq_and_compressed_tensors_of_the_same_integers_run_the_same_logits(
 # -- bitsandbytes, written by transformers -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bnb_checkpoint(tiny_text_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def saved_by_transformers(source: Path, out: Path, **settings: Any) -> Path:
+    """`source` loaded by transformers with BitsAndBytesConfig(**settings) and saved: its own bnb checkpoint."""
     pytest.importorskip("bitsandbytes")
     transformers = pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("foreign") / "bnb-nf4"
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_text_checkpoint, quantization_config=config,
-                                                              dtype=torch.bfloat16, device_map="cpu")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=transformers.BitsAndBytesConfig(**settings), dtype=torch.bfloat16,
+        device_map="cpu")
     model.save_pretrained(out)
-    for extra in tiny_text_checkpoint.iterdir():
+    for extra in source.iterdir():
         if extra.name.startswith("tokenizer"):
             (out / extra.name).write_bytes(extra.read_bytes())
     return out
+
+
+@pytest.fixture(scope="module")
+def bnb_checkpoint(tiny_text_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return saved_by_transformers(tiny_text_checkpoint, tmp_path_factory.mktemp("foreign") / "bnb-nf4",
+                                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def test_bitsandbytes_nf4_from_transformers_decodes_as_bitsandbytes(bnb_checkpoint: Path) -> None:
@@ -321,17 +326,8 @@ def test_bitsandbytes_nf4_from_transformers_decodes_as_bitsandbytes(bnb_checkpoi
 
 @pytest.fixture(scope="module")
 def bnb8_checkpoint(tiny_text_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("bitsandbytes")
-    transformers = pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("foreign") / "bnb-int8"
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        tiny_text_checkpoint, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
-        dtype=torch.bfloat16, device_map="cpu")
-    model.save_pretrained(out)
-    for extra in tiny_text_checkpoint.iterdir():
-        if extra.name.startswith("tokenizer"):
-            (out / extra.name).write_bytes(extra.read_bytes())
-    return out
+    return saved_by_transformers(tiny_text_checkpoint, tmp_path_factory.mktemp("foreign") / "bnb-int8",
+                                 load_in_8bit=True)
 
 
 def test_bitsandbytes_int8_from_transformers_decodes_as_bitsandbytes(bnb8_checkpoint: Path, tiny_text_checkpoint: Path,
