@@ -101,11 +101,13 @@ def eval_command(
         task_table,
     )
     from scoutq.evaluate.texts import evaluation_texts
-    from scoutq.evaluate.windows import document_windows, evaluation_windows
+    from scoutq.evaluate.windows import WINDOWINGS, token_windows
     from scoutq.model.load import load_model
 
     if dtype not in DTYPES:
         raise ScoutqError(f"--dtype {dtype!r}: choose fp32 or bf16")
+    if windows not in WINDOWINGS:
+        raise ScoutqError(f"--windows {windows!r}: choose stream or documents")
     if len(models) > 1:
         from scoutq.cli.judge import judge_candidates
 
@@ -136,8 +138,6 @@ def eval_command(
         raise ScoutqError("--latency measures the resident runtime; it cannot be combined with --layer-walk")
     if save_reference is not None and not layer_walk:
         raise ScoutqError("--save-reference stores layer-walked scores; add --layer-walk")
-    if windows not in ("stream", "documents"):
-        raise ScoutqError(f"--windows {windows!r}: choose stream or documents")
     if layer_walk and (tasks or windows != "stream"):
         raise ScoutqError("--tasks and --windows documents run the resident model; drop --layer-walk")
     if limit is not None and not tasks:
@@ -165,22 +165,19 @@ def eval_command(
             # A GGUF model beside a checkpoint reference is scored on the reference's own tokens (the
             # embedded vocabulary is the same; tests/gguf_files check that it tokenizes the same).
             tokens_from = reference if model_gguf and reference is not None and reference.is_dir() else model
-            if windows == "documents":
-                token_windows, scored = document_windows(tokens_from, seq_len, samples, texts)
-            else:
-                token_windows, scored = evaluation_windows(tokens_from, seq_len, samples, texts), None
+            windows_of_tokens, scored = token_windows(windows, tokens_from, seq_len, samples, texts)
             candidate = load_model(model, device=chosen_device, dtype=DTYPES[dtype], backend=backend)
             reference_model = load_model(reference, device=chosen_device, dtype=DTYPES[dtype]) \
                 if reference is not None \
                 else None
             with step_progress_plain() as progress:
-                task = progress.add_task("evaluate", total=token_windows.shape[0])
-                comparison = compare_models(candidate, reference_model, token_windows, batch_size,
+                task = progress.add_task("evaluate", total=windows_of_tokens.shape[0])
+                comparison = compare_models(candidate, reference_model, windows_of_tokens, batch_size,
                                             on_batch=lambda done: progress.update(task, completed=done), scored=scored)
             del reference_model
             if (reference is not None and model.is_dir() and reference.is_dir()
                     and "quantization_config" in jsonlib.loads((model / "config.json").read_text())):
-                errors = error_tables(model, reference, token_windows, device=chosen_device)
+                errors = error_tables(model, reference, windows_of_tokens, device=chosen_device)
             if latency:
                 from scoutq.evaluate.latency import measure_latency
                 from scoutq.model.quantized import kernels_used

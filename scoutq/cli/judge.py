@@ -21,26 +21,23 @@ from scoutq.cli._output import console, result_json, step_progress_plain, table
 from scoutq.errors import ScoutqError
 from scoutq.stream.processes import resolve_device
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def judge_candidates(models: list[Path], reference: Path, dataset: str, seq_len: int, samples: int | None,
                      windows: str, backend: str | None, dtype: str, batch_size: int, device: str,
                      json: Path | None, markdown: Path | None) -> None:
     from scoutq import __version__
+    from scoutq.cli.evaluation import DTYPES
     from scoutq.evaluate.candidates import (
         candidate_table,
         candidates_report,
+        describe_candidate,
         pairwise_kl,
         pairwise_rows,
-        quantized_format,
         render_candidates_markdown,
-        text_bytes,
     )
     from scoutq.evaluate.compare import compare_models
     from scoutq.evaluate.report import build_report
     from scoutq.evaluate.texts import evaluation_texts
-    from scoutq.evaluate.windows import document_windows, evaluation_windows
+    from scoutq.evaluate.windows import token_windows
     from scoutq.model.load import load_model
 
     started = time.perf_counter()
@@ -51,9 +48,8 @@ def judge_candidates(models: list[Path], reference: Path, dataset: str, seq_len:
         raise ScoutqError("the same candidate is named twice")
     if not is_gguf(reference):
         require_directory(reference, "a reference checkpoint directory or .gguf file")
-    if windows not in ("stream", "documents"):
-        raise ScoutqError(f"--windows {windows!r}: choose stream or documents")
-    formats = [quantized_format(path) for path in models]  # a format scoutq cannot read fails here, before work
+    # (format, bytes) of each; a format scoutq cannot read fails here, before any work
+    described = [describe_candidate(path) for path in models]
     with ExitStack() as locks:
         for path in (json if json is not None and str(json) != "-" else None, markdown):
             if path is not None:
@@ -61,26 +57,22 @@ def judge_candidates(models: list[Path], reference: Path, dataset: str, seq_len:
         name, texts = evaluation_texts(dataset)
         chosen_device = resolve_device(device)
         tokens_from = reference if reference.is_dir() else models[0]
-        if windows == "documents":
-            token_windows, scored = document_windows(tokens_from, seq_len, samples, texts)
-        else:
-            token_windows, scored = evaluation_windows(tokens_from, seq_len, samples, texts), None
+        windows_of_tokens, scored = token_windows(windows, tokens_from, seq_len, samples, texts)
         reference_model = load_model(reference, device=chosen_device, dtype=DTYPES[dtype])
         parameters = sum(p.numel() for p in reference_model.parameters())
         environment = {"scoutq": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "device": str(chosen_device), "dtype": dtype, "backend": backend or "default"}
         reports, comparisons = [], []
         with step_progress_plain() as progress:
-            for path, described in zip(models, formats, strict=True):
-                task = progress.add_task(f"evaluate {path.name}", total=token_windows.shape[0])
+            for path, (stored_format, size) in zip(models, described, strict=True):
+                task = progress.add_task(f"evaluate {path.name}", total=windows_of_tokens.shape[0])
                 candidate = load_model(path, device=chosen_device, dtype=DTYPES[dtype], backend=backend)
-                comparison = compare_models(candidate, reference_model, token_windows, batch_size, scored=scored,
+                comparison = compare_models(candidate, reference_model, windows_of_tokens, batch_size, scored=scored,
                                             on_batch=lambda done, task=task: progress.update(task, completed=done))
                 del candidate
                 single = build_report(str(path), str(reference), name, seq_len, comparison, None, None, environment,
                                       0.0, windows)
-                size = text_bytes(path)
-                single |= {"quantized_format": described, "size_bytes": size,
+                single |= {"quantized_format": stored_format, "size_bytes": size,
                            "bits_per_weight": 8.0 * size / parameters}
                 reports.append(single)
                 comparisons.append(comparison)

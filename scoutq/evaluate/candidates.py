@@ -22,24 +22,18 @@ from scoutq.evaluate.report import format_number
 NOT_TEXT = ("vision_model.", "multi_modal_projector.")  # towers the text model never reads
 
 
-def text_bytes(path: Path) -> int:
-    """Bytes of the weights the text model reads: every tensor but a vision tower's, or a GGUF file."""
+def describe_candidate(path: Path) -> tuple[str, int]:
+    """(the format, as its reader names it; bytes of the weights the text model reads: every tensor
+    but a vision tower's, or the whole GGUF file), from one read of the headers."""
     if is_gguf(path):
-        return path.stat().st_size
+        return "GGUF", path.stat().st_size
     checkpoint = Checkpoint.open(path)
-    return sum(info.nbytes for key, info in checkpoint.tensors.items() if not key.startswith(NOT_TEXT))
-
-
-def quantized_format(path: Path) -> str:
-    """What the candidate is, as its reader names it."""
-    if is_gguf(path):
-        return "GGUF"
-    checkpoint = Checkpoint.open(path)
+    size = sum(info.nbytes for key, info in checkpoint.tensors.items() if not key.startswith(NOT_TEXT))
     if "quantization_config" not in checkpoint.config_json:
-        return "unquantized"
+        return "unquantized", size
     from scoutq.foreign import weight_source
 
-    return weight_source(checkpoint).format
+    return weight_source(checkpoint).format, size
 
 
 def pairwise_kl(names: list[str], comparisons: list[Comparison]) -> list[dict[str, Any]]:

@@ -105,3 +105,14 @@ def document_windows(
     if samples is not None:
         rows, scored_rows = rows[:samples], scored_rows[:samples]
     return torch.stack(rows), torch.stack(scored_rows)
+
+
+WINDOWINGS = ("stream", "documents")
+
+
+def token_windows(windowing: str, tokenizer_dir: Path, seq_len: int, samples: int | None,
+                  texts: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The windows `scoutq eval --windows` names, and the scored mask (None: every target scored)."""
+    if windowing == "documents":
+        return document_windows(tokenizer_dir, seq_len, samples, texts)
+    return evaluation_windows(tokenizer_dir, seq_len, samples, texts), None

@@ -69,6 +69,9 @@ class CompressedTensorsSource(WeightSource):
         if group is None:
             return None
         scheme, directory = group.scheme, self.checkpoint.directory
+        plain = Scheme(scheme.bits, scheme.group_size, scheme.symmetric)  # the packed kernels take int4 and int8
+        g_idx = self._read(module, "weight_g_idx")
+        grouped_in_order = g_idx is None or in_order(g_idx, scheme.group_size)
         scale = self._read(module, "weight_scale")
         if scale is None:
             raise CheckpointError(f"{directory}: module {module!r} is quantized by {group.name} but has no weight_scale")
@@ -78,10 +81,13 @@ class CompressedTensorsSource(WeightSource):
                 missing = "weight_packed" if packed is None else "weight_shape"
                 raise CheckpointError(f"{directory}: module {module!r} is quantized by {group.name} but has no {missing}")
             out_features, in_features = (int(v) for v in shape.tolist())
-            q = primitives.unpack_int32(packed, scheme.bits, in_features)
             stored_zero = self._read(module, "weight_zero_point")
             zero = None if scheme.symmetric or stored_zero is None else \
                 primitives.unpack_zero_point(stored_zero, scheme.bits, out_features)
+            if grouped_in_order and not group.per_tensor and (zero is not None or scheme.symmetric):
+                # The stored words are already scoutq's packing: kept as they are, not unpacked.
+                return PackedWeight(plain, packed, scale.reshape(out_features, -1), zero, (out_features, in_features))
+            q = primitives.unpack_int32(packed, scheme.bits, in_features)
         else:  # naive-/int-quantized: the integers as they are, under M.weight
             q = self._read(module, "weight")
             if q is None or q.dtype != torch.int8:
@@ -96,9 +102,6 @@ class CompressedTensorsSource(WeightSource):
             scale = scale.reshape(1, 1).expand(out_features, 1).contiguous()
             zero = None if zero is None else zero.reshape(1, 1).expand(out_features, 1).contiguous()
         scale = scale.reshape(out_features, -1)
-        g_idx = self._read(module, "weight_g_idx")
-        if g_idx is not None and not in_order(g_idx, scheme.group_size):
-            return dequantize_by_column_group(q, scale, zero, g_idx)
-        # Stored unchanged: the packed kernels take int4 and int8 alike.
-        plain = Scheme(scheme.bits, scheme.group_size, scheme.symmetric)
+        if not grouped_in_order:
+            return dequantize_by_column_group(q, scale, zero, g_idx)  # type: ignore[arg-type]
         return PackedWeight.from_quantized(q, scale, zero, plain)

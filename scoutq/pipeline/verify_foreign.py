@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from scoutq.checkpoint.config import TextConfig
+from scoutq.checkpoint.layout import expected_text_shapes
 from scoutq.checkpoint.reader import Checkpoint, require_directory
 from scoutq.errors import CheckpointError
 from scoutq.foreign import weight_source
@@ -31,24 +31,24 @@ class ForeignReport:
     quantized_routers: list[str] = field(default_factory=list)
 
 
-def _linears(config: TextConfig, key: Callable[[int, str], str]) -> Iterator[tuple[str, tuple[int, int], bool]]:
-    """(module, [out, in], routed expert?) of every decoder Linear, experts per expert."""
-    width, heads, kv = config.hidden_size, config.num_attention_heads * config.head_dim, \
-        config.num_key_value_heads * config.head_dim
-    for i in range(config.num_hidden_layers):
-        for proj, shape in (("q", (heads, width)), ("k", (kv, width)), ("v", (kv, width)), ("o", (width, heads))):
-            yield key(i, f"self_attn.{proj}_proj"), shape, False
-        if config.is_moe_layer(i):
-            hidden = config.intermediate_size
-            yield key(i, "feed_forward.router"), (config.num_local_experts, width), False
-            for proj, shape in (("gate", (hidden, width)), ("up", (hidden, width)), ("down", (width, hidden))):
-                yield key(i, f"feed_forward.shared_expert.{proj}_proj"), shape, False
-                for expert in range(config.num_local_experts):
-                    yield key(i, f"feed_forward.experts.{expert}.{proj}_proj"), shape, True
-        else:
-            hidden = config.intermediate_size_mlp
-            for proj, shape in (("gate", (hidden, width)), ("up", (hidden, width)), ("down", (width, hidden))):
-                yield key(i, f"feed_forward.{proj}_proj"), shape, False
+def _linears(checkpoint: Checkpoint) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
+    """(module, [out, in], the fused tensor it would sit in) of every decoder Linear config.json
+    implies (`expected_text_shapes`), routed experts one by one; the fused key is None elsewhere."""
+    layers = f"{checkpoint.layout.model_prefix}layers."
+    for key, shape in expected_text_shapes(checkpoint.config, checkpoint.layout).items():
+        if not key.startswith(layers):
+            continue
+        if key.endswith("experts.gate_up_proj"):  # [E, in, 2 out]: gate and up of every expert
+            experts, width, doubled = shape
+            for expert in range(experts):
+                for proj in ("gate", "up"):
+                    yield f"{key.removesuffix('gate_up_proj')}{expert}.{proj}_proj", (doubled // 2, width), key
+        elif key.endswith("experts.down_proj"):  # [E, in, out]
+            experts, hidden, width = shape
+            for expert in range(experts):
+                yield f"{key.removesuffix('down_proj')}{expert}.down_proj", (width, hidden), key
+        elif key.endswith(".weight") and len(shape) == 2:
+            yield key.removesuffix(".weight"), shape, None
 
 
 def verify_foreign(path: str | Path, on_module: Callable[[int, int], None] | None = None) -> ForeignReport:
@@ -56,13 +56,10 @@ def verify_foreign(path: str | Path, on_module: Callable[[int, int], None] | Non
     directory = require_directory(path, "a quantized checkpoint directory")
     checkpoint = Checkpoint.open(directory)
     source = weight_source(checkpoint)
-    config, layout = checkpoint.config, checkpoint.layout
-    modules = list(_linears(config, layout.layer_key))
-    fused = {i for i in range(config.num_hidden_layers) if layout.gate_up_key(i) in checkpoint.tensors}
+    modules = list(_linears(checkpoint))
     report = ForeignReport(str(directory), source.format, 0, 0)
-    for done, (module, shape, routed) in enumerate(modules, 1):
-        layer = int(module.split("layers.")[1].split(".")[0])
-        if routed and layer in fused:  # stored fused in full precision: the bf16 loader's shapes
+    for done, (module, shape, fused) in enumerate(modules, 1):
+        if fused is not None and fused in checkpoint.tensors:  # stored fused in full precision, as the source
             report.full_precision_modules += 1
             continue
         weight = source.dense(module)
