@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from scoutq.checkpoint.reader import Checkpoint
-from scoutq.errors import ConfigError
+from scoutq.errors import CheckpointError, ConfigError, one_line
 from scoutq.quant.packed import PackedWeight
 
 ModuleWeight = PackedWeight | torch.Tensor
@@ -42,9 +42,20 @@ class WeightSource(ABC):
         self.qconfig = qconfig
         self.config_path = checkpoint.directory / "config.json"
 
-    @abstractmethod
     def weight(self, module: str) -> ModuleWeight | None:
-        """The module's weight [out, in] (None: stored in full precision as `module.weight`)."""
+        """The module's weight [out, in] (None: stored in full precision as `module.weight`).
+
+        Tensors that do not fit together (a shape, a group index out of range) are one line
+        naming the module, whatever the format: they are bad input, not a bug."""
+        try:
+            return self.decode(module)
+        except (RuntimeError, IndexError, KeyError, ValueError) as bad:
+            raise CheckpointError(f"{self.checkpoint.directory}: module {module!r} does not decode as "
+                                  f"{self.format}: {one_line(bad)}") from bad
+
+    @abstractmethod
+    def decode(self, module: str) -> ModuleWeight | None:
+        """The format's own reading of `weight`."""
 
     def dense(self, module: str) -> torch.Tensor | None:
         """The module's dequantized weight [out, in] in its scale dtype (None: not quantized)."""

@@ -57,7 +57,7 @@ class AwqSource(WeightSource):
         self.group_size = size
         self.format = f"AWQ int4-g{size} (GEMM packing, zero points)"
 
-    def weight(self, module: str) -> ModuleWeight | None:
+    def decode(self, module: str) -> ModuleWeight | None:
         if f"{module}.qweight" not in self.checkpoint.tensors:
             return None
         parts = {}

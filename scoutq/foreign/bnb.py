@@ -43,7 +43,7 @@ class BitsAndBytesSource(WeightSource):
         double = ", double quant" if qconfig.get("bnb_4bit_use_double_quant") else ""
         self.format = f"bitsandbytes {kind}{double}" if self.four_bit else "bitsandbytes LLM.int8"
 
-    def weight(self, module: str) -> ModuleWeight | None:
+    def decode(self, module: str) -> ModuleWeight | None:
         tensors = self.checkpoint.tensors
         if self.four_bit:
             blob = next((key for key in tensors if key.startswith(f"{module}.weight.quant_state.bitsandbytes__")),

@@ -64,7 +64,7 @@ class CompressedTensorsSource(WeightSource):
         key = f"{module}.{suffix}"
         return self.checkpoint.read(key) if key in self.checkpoint.tensors else None
 
-    def weight(self, module: str) -> ModuleWeight | None:
+    def decode(self, module: str) -> ModuleWeight | None:
         group = self.group(module)
         if group is None:
             return None
@@ -81,6 +81,9 @@ class CompressedTensorsSource(WeightSource):
                 missing = "weight_packed" if packed is None else "weight_shape"
                 raise CheckpointError(f"{directory}: module {module!r} is quantized by {group.name} but has no {missing}")
             out_features, in_features = (int(v) for v in shape.tolist())
+            if not group.per_tensor and scale.numel() != out_features * scheme.groups(in_features):
+                raise ValueError(f"weight_scale {list(scale.shape)} does not fit weight_shape "
+                                 f"[{out_features}, {in_features}] in {scheme.describe()}")
             stored_zero = self._read(module, "weight_zero_point")
             zero = None if scheme.symmetric or stored_zero is None else \
                 primitives.unpack_zero_point(stored_zero, scheme.bits, out_features)

@@ -55,6 +55,11 @@ def packed_or_dense(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, g_
                     group_size: int | None) -> ModuleWeight:
     """The weight from unsigned q [out, in], zero points [out, groups] and scales [out, groups]:
     a PackedWeight when groups run in order and every zero point fits b bits, else dense."""
+    if zero.shape != scale.shape or q.shape[0] != scale.shape[0]:
+        raise ValueError(f"zero points {list(zero.shape)} and scales {list(scale.shape)} (as [out, groups]) do not "
+                         f"fit a weight of {list(q.shape)}")
+    if g_idx.numel() != q.shape[1] or int(g_idx.min()) < 0 or int(g_idx.max()) >= scale.shape[1]:
+        raise ValueError(f"g_idx names groups outside the {scale.shape[1]} stored")
     offset = 1 << (bits - 1)
     signed_zero = zero - offset
     fits = bool(((signed_zero >= -offset) & (signed_zero < offset)).all())
@@ -132,7 +137,7 @@ class GptqSource(WeightSource):
             raise CheckpointError(f"{self.checkpoint.directory}: module {module!r} has qweight but no {suffix}")
         return self.checkpoint.read(key)
 
-    def weight(self, module: str) -> ModuleWeight | None:
+    def decode(self, module: str) -> ModuleWeight | None:
         if f"{module}.qweight" not in self.checkpoint.tensors:
             return None
         if f"{module}.bias" in self.checkpoint.tensors:

@@ -486,3 +486,26 @@ def test_verify_foreign_names_a_module_that_decodes_wrong(gptq_checkpoints: dict
     assert code == 1 and "Traceback" not in err, err
     line = " ".join(err.split())
     assert victim.removesuffix(".scales") in line and "non-finite" in line, line
+
+
+@pytest.mark.parametrize("damage", ["g_idx out of range", "qzeros cut short"])
+def test_a_gptq_module_whose_tensors_disagree_is_one_line_naming_it(
+    damage: str, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    victim = "experts.1.down_proj"
+
+    def tensors(module: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        stored = gptq_tensors(quantize(w, Scheme(4, GROUP, False), torch.float16), v1=True)
+        if module.endswith(victim):
+            if damage == "g_idx out of range":
+                stored["g_idx"] = stored["g_idx"] + 100
+            else:
+                stored["qzeros"] = stored["qzeros"][:, :1].contiguous()
+        return stored
+
+    bad = write_foreign(tiny_checkpoint, tmp_path / "bad", _gptq_config(4, GROUP, False, False, True), tensors)
+    for command in (["eval", str(bad), "--samples", "2", "--seq-len", "16"], ["verify", str(bad), "--foreign"]):
+        code, _, err = run_cli(command, capsys)
+        lines = [line for line in err.splitlines() if line.startswith("error")]
+        assert code == 1 and "Traceback" not in err and len(lines) == 1, err
+        assert victim in lines[0] and "does not decode as GPTQ int4-g32" in lines[0], lines[0]
